@@ -1,0 +1,63 @@
+"""Image transforms of the three stages (SPEC.md), for any square image_size.
+
+All randomness comes from torch's RNG, so torch.manual_seed and DataLoader worker
+seeding make a run reproducible.
+"""
+import torch
+from PIL import ImageFilter
+from torchvision import transforms
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def _resize_size(image_size):
+    """The short side before the centre crop: 256 for 224, in proportion otherwise."""
+    return round(image_size * 256 / 224)
+
+
+class GaussianBlur:
+    """PIL Gaussian blur with sigma drawn uniformly from [sigma[0], sigma[1]] on every call."""
+
+    def __init__(self, sigma=(0.1, 2.0)):
+        self.sigma = sigma
+
+    def __call__(self, img):
+        sigma = torch.empty(1).uniform_(self.sigma[0], self.sigma[1]).item()
+        return img.filter(ImageFilter.GaussianBlur(radius=sigma))
+
+    def __repr__(self):
+        return f'{type(self).__name__}(sigma={self.sigma})'
+
+
+def eval_transform(image_size=224):
+    """Stage 1 features and the stage 3 val split: Resize(256) -> CenterCrop(224) at 224."""
+    return transforms.Compose([
+        transforms.Resize(_resize_size(image_size)),
+        transforms.CenterCrop(image_size),
+        transforms.ToTensor(),
+        transforms.Normalize(MEAN, STD),
+    ])
+
+
+def moco_v2_augmentation(image_size=224):
+    """Stage 2: each of the four views of a bag sample is one independent call."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(image_size, scale=(0.2, 1.0)),
+        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        transforms.RandomGrayscale(p=0.2),
+        transforms.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(MEAN, STD),
+    ])
+
+
+def linear_train_transform(image_size=224):
+    """Stage 3 training split of the linear probe."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(image_size),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(MEAN, STD),
+    ])

@@ -1,0 +1,125 @@
+"""Small distributed helpers: torchrun environment, gathers and the teacher's shuffle BN.
+
+A plain `python script.py` runs as a one-process group-less job; every helper below then
+degrades to the identity, so the training code has a single path.
+"""
+import dataclasses
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+
+
+_node_group = None  # process group of the ranks on this node, for shuffle BN
+
+
+def init_distributed(device: str = 'auto') -> DistInfo:
+    """Read torchrun's environment, pick the device and start NCCL (GPU) or gloo (CPU)."""
+    rank = int(os.environ.get('RANK', 0))
+    world_size = int(os.environ.get('WORLD_SIZE', 1))
+    local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    local_world_size = int(os.environ.get('LOCAL_WORLD_SIZE', world_size))
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if device == 'cuda':
+        torch.cuda.set_device(local_rank)
+        dev = torch.device('cuda', local_rank)
+    else:
+        dev = torch.device(device)
+    if world_size > 1:
+        backend = 'nccl' if dev.type == 'cuda' else 'gloo'
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30),
+                                device_id=dev if dev.type == 'cuda' else None)
+        global _node_group
+        if local_world_size == world_size:
+            _node_group = dist.group.WORLD
+        else:  # one group per node; new_subgroups must be called by every rank
+            _node_group, _ = dist.new_subgroups(local_world_size)
+    return DistInfo(rank, world_size, local_rank, local_world_size, dev)
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main() -> bool:
+    return get_rank() == 0
+
+
+def barrier():
+    if is_dist():
+        dist.barrier()
+
+
+def cleanup():
+    if is_dist():
+        dist.destroy_process_group()
+
+
+@torch.no_grad()
+def all_gather_cat(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Concatenate equally shaped tensors of every rank along dim 0 (rank order); no gradient."""
+    size = dist.get_world_size(group) if is_dist() else 1
+    if size == 1:
+        return tensor
+    gathered = [torch.empty_like(tensor) for _ in range(size)]
+    dist.all_gather(gathered, tensor.contiguous(), group=group)
+    return torch.cat(gathered)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if is_dist():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+@torch.no_grad()
+def shuffle_across_node(x: torch.Tensor):
+    """Give this rank a random slice of the node's whole batch (MoCo's shuffle BN).
+
+    Every rank of the node gathers the node batch, rank 0 of the node draws one permutation and
+    broadcasts it, and each rank keeps its slice. Returns (this rank's shuffled slice, the
+    permutation) for `unshuffle`.
+    """
+    group = _node_group
+    size = dist.get_world_size(group) if is_dist() else 1
+    if size == 1:
+        perm = torch.randperm(x.shape[0], device=x.device)
+        return x[perm], perm
+    node_batch = all_gather_cat(x, group)  # (size * B, ...)
+    perm = torch.randperm(node_batch.shape[0], device=x.device)
+    dist.broadcast(perm, src=dist.get_global_rank(group, 0), group=group)
+    rank = dist.get_rank(group)
+    b = x.shape[0]
+    return node_batch[perm[rank * b:(rank + 1) * b]], perm
+
+
+@torch.no_grad()
+def unshuffle(y: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Undo `shuffle_across_node` on the output: return the rows of this rank's original inputs."""
+    group = _node_group
+    size = dist.get_world_size(group) if is_dist() else 1
+    if size == 1:
+        return y[torch.argsort(perm)]
+    node_out = all_gather_cat(y, group)  # rows in shuffled order
+    rank = dist.get_rank(group)
+    b = y.shape[0]
+    return node_out[torch.argsort(perm)[rank * b:(rank + 1) * b]]

@@ -1,0 +1,91 @@
+"""Backbones by name: the pooled output of the last stage, no classifier.
+
+Parameter names follow torchvision (resnets: conv1, bn1, layer1..4; efficientnet and
+mobilenet: features.*) so that released teacher weights and torchvision state dicts load
+with strict=True once their classifier keys are dropped.
+"""
+import torch
+import torch.nn as nn
+import torchvision
+from torchvision.models.resnet import Bottleneck
+
+SWAV_WIDTHS = {'resnet50w2': 2, 'resnet50w4': 4, 'resnet50w5': 5}
+ARCHS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', *SWAV_WIDTHS,
+         'efficientnet_b0', 'mobilenet_v3_large')
+
+# Keys of torchvision's classifiers; a torchvision state dict loads once these are dropped.
+CLASSIFIER_PREFIXES = ('fc.', 'classifier.')
+
+
+class SwAVWideResNet(nn.Module):
+    """SwAV's ResNet-50w{2,4,5}: every stage of ResNet-50 widened by `widen`.
+
+    Unlike torchvision's wide_resnet50_2 (which widens only the bottleneck's inner 3x3),
+    the stem, the inner widths and the block outputs are all multiplied, so the output is
+    2048 * widen. The stem pads by 1 and then convolves with padding 2, as SwAV does.
+    """
+
+    def __init__(self, widen, blocks_per_stage=(3, 4, 6, 3)):
+        super().__init__()
+        width = 64 * widen
+        self.padding = nn.ConstantPad2d(1, 0.0)
+        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=2, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.inplanes = width
+        self.layer1 = self._make_layer(width, blocks_per_stage[0], stride=1)
+        self.layer2 = self._make_layer(width * 2, blocks_per_stage[1], stride=2)
+        self.layer3 = self._make_layer(width * 4, blocks_per_stage[2], stride=2)
+        self.layer4 = self._make_layer(width * 8, blocks_per_stage[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.feature_dim = width * 8 * Bottleneck.expansion
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _make_layer(self, planes, blocks, stride):
+        # planes = the bottleneck's inner width; each block outputs planes * 4 channels.
+        out_channels = planes * Bottleneck.expansion
+        downsample = None
+        if stride != 1 or self.inplanes != out_channels:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, out_channels, kernel_size=1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+        layers = [Bottleneck(self.inplanes, planes, stride, downsample)]
+        self.inplanes = out_channels
+        layers += [Bottleneck(out_channels, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, 2048 * widen)
+        x = self.maxpool(self.relu(self.bn1(self.conv1(self.padding(x)))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(self.avgpool(x), 1)
+
+
+def _torchvision_backbone(arch):
+    """torchvision's definition with its classifier replaced by nn.Identity (no parameters)."""
+    model = getattr(torchvision.models, arch)(weights=None)
+    if arch.startswith('resnet'):
+        feature_dim = model.fc.in_features
+        model.fc = nn.Identity()
+    else:
+        # efficientnet / mobilenet: the classifier's first Linear reads the pooled features.
+        feature_dim = next(m for m in model.classifier if isinstance(m, nn.Linear)).in_features
+        model.classifier = nn.Identity()
+    model.feature_dim = feature_dim
+    return model
+
+
+def build_backbone(arch):
+    """Randomly initialised backbone `arch`; forward gives (B, feature_dim) pooled features."""
+    if arch in SWAV_WIDTHS:
+        return SwAVWideResNet(SWAV_WIDTHS[arch])
+    if arch in ARCHS:
+        return _torchvision_backbone(arch)
+    raise ValueError(f"unknown arch '{arch}'; choose one of {', '.join(ARCHS)}")

@@ -1,0 +1,224 @@
+"""Reading teacher and student weights: the one loader used by every stage.
+
+Supported layouts (keys may carry DistributedDataParallel's 'module.' prefix):
+  moco         {'state_dict': {'module.encoder_q.<backbone>', 'module.encoder_q.fc.*'}, 'arch', ...}
+               head fc.0/fc.2 (v2 MLP) or fc.weight/fc.bias (v1 linear); encoder_k and queue ignored.
+  swav         plain state dict {'module.<backbone>', 'module.projection_head.{0,1,3}.*',
+               'module.prototypes.weight'}; the prototypes are not needed and are dropped.
+  torchvision  plain backbone state dict; the classifier (fc.* / classifier.*) is dropped.
+  bingo        this project's distillation checkpoint {'student': Embedder state dict, 'arch', ...}.
+Every load is strict: a missing, unexpected or mis-shaped key is a CheckpointError, never skipped.
+"""
+import dataclasses
+import os
+import pickle
+from collections.abc import Mapping
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from models.backbones import CLASSIFIER_PREFIXES, build_backbone
+from models.heads import Embedder, moco_head, swav_head
+
+FORMATS = ('auto', 'moco', 'swav', 'torchvision', 'bingo')
+
+_EXPECTED_LAYOUT = {
+    'moco': "{'state_dict': {'module.encoder_q.*': tensor, ...}, ...}",
+    'swav': "a state dict of tensors ('module.*', 'module.projection_head.*', 'module.prototypes.*')",
+    'torchvision': "a state dict of tensors ('conv1.*', 'layer1.*', ... or 'features.*')",
+    'bingo': "{'student': {'backbone.*': tensor, 'head.*': tensor}, 'arch': str, ...}",
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable, or does not fit the requested model."""
+
+
+@dataclasses.dataclass
+class Weights:
+    """Tensors read from a checkpoint, renamed to this project's module names."""
+    fmt: str                    # the format the file was read as (never 'auto')
+    backbone: dict              # torchvision names: 'conv1.weight', 'layer1.0.bn1.running_mean', ...
+    head: dict                  # projection head, Sequential names ('0.weight', ...) or {} if none
+    head_kind: Optional[str]    # 'moco', 'swav', 'linear' or None (no head in the file)
+    arch: Optional[str] = None  # the architecture the file records, if it records one
+
+
+def _preview(keys, shown=5):
+    keys = list(keys)
+    more = f', ... ({len(keys)} in all)' if len(keys) > shown else ''
+    return ', '.join(str(k) for k in keys[:shown]) + more
+
+
+def _load_file(path):
+    if not os.path.isfile(path):
+        raise CheckpointError(f'checkpoint {path} does not exist')
+    try:
+        try:
+            return torch.load(path, map_location='cpu', weights_only=True)
+        except pickle.UnpicklingError:
+            # The safe unpickler accepts only tensors, containers and primitives; files that
+            # pickle other Python objects need the full one (so load only files you trust).
+            return torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f'cannot read checkpoint {path}: {e}') from e
+
+
+def _tensor_dict(obj):
+    """obj as {name: tensor} with any 'module.' prefix removed, or None if it is not one."""
+    if not isinstance(obj, Mapping) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
+        return None
+    return {k.removeprefix('module.'): v for k, v in obj.items()}
+
+
+def _model_state(obj, fmt):
+    """The tensor dict holding the model in a checkpoint of format `fmt`, or None."""
+    if fmt == 'bingo':
+        return _tensor_dict(obj.get('student'))
+    # Training checkpoints wrap the model in 'state_dict'; released SwAV/torchvision files do not.
+    state = _tensor_dict(obj.get('state_dict', obj))
+    if fmt == 'moco' and state is not None and not any(k.startswith('encoder_q.') for k in state):
+        return None
+    return state
+
+
+def _detect_format(obj):
+    if _model_state(obj, 'bingo') is not None:
+        return 'bingo'
+    state = _model_state(obj, 'torchvision')
+    if state is None:
+        return None
+    if any(k.startswith('encoder_q.') for k in state):
+        return 'moco'
+    if any(k.startswith(('projection_head.', 'prototypes.')) for k in state):
+        return 'swav'
+    if any(k.startswith(('conv1.', 'features.')) for k in state):
+        return 'torchvision'
+    return None
+
+
+def _split_off(state, prefix):
+    """(keys outside `prefix`, keys inside it with the prefix removed)."""
+    outside = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    inside = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    return outside, inside
+
+
+def _split_moco(state):
+    encoder = {k.removeprefix('encoder_q.'): v for k, v in state.items() if k.startswith('encoder_q.')}
+    return _split_off(encoder, 'fc.')
+
+
+def _split_swav(state):
+    without_prototypes, _ = _split_off(state, 'prototypes.')
+    return _split_off(without_prototypes, 'projection_head.')
+
+
+def _split_torchvision(state):
+    return {k: v for k, v in state.items() if not k.startswith(CLASSIFIER_PREFIXES)}, {}
+
+
+def _split_bingo(state):
+    backbone, head = _split_off(state, 'head.')
+    return {k.removeprefix('backbone.'): v for k, v in backbone.items()}, head
+
+
+_SPLITTERS = {'moco': _split_moco, 'swav': _split_swav,
+              'torchvision': _split_torchvision, 'bingo': _split_bingo}
+
+
+def _head_kind(head, path, fmt):
+    if not head:
+        return None
+    if '1.running_mean' in head:
+        return 'swav'
+    if '2.weight' in head:
+        return 'moco'
+    if 'weight' in head:
+        return 'linear'
+    raise CheckpointError(f"checkpoint {path} (format '{fmt}') has a projection head of unknown "
+                          f'layout, keys: {_preview(sorted(head))}')
+
+
+def read_checkpoint(path, fmt='auto'):
+    """Read `path` as checkpoint format `fmt` ('auto' detects it) into a Weights record."""
+    if fmt not in FORMATS:
+        raise CheckpointError(f"unknown checkpoint format '{fmt}' for {path}; choose one of {', '.join(FORMATS)}")
+    obj = _load_file(path)
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f'checkpoint {path} holds a {type(obj).__name__}, expected a dict')
+    if fmt == 'auto':
+        fmt = _detect_format(obj)
+        if fmt is None:
+            raise CheckpointError(
+                f'cannot tell the format of checkpoint {path} (top-level keys: {_preview(obj)}); '
+                'expected one of: ' + '; '.join(f'{k} {v}' for k, v in _EXPECTED_LAYOUT.items()))
+    state = _model_state(obj, fmt)
+    if state is None:
+        raise CheckpointError(f"checkpoint {path} is not in format '{fmt}': expected "
+                              f'{_EXPECTED_LAYOUT[fmt]}, found top-level keys {_preview(obj)}')
+    backbone, head = _SPLITTERS[fmt](state)
+    arch = obj.get('arch') if isinstance(obj.get('arch'), str) else None
+    return Weights(fmt, backbone, head, _head_kind(head, path, fmt), arch)
+
+
+def _build_head(weights, feature_dim, where):
+    """The head module for `weights`, its dimensions read from the tensor shapes."""
+    first, last = {'moco': ('0.weight', '2.weight'), 'swav': ('0.weight', '3.weight'),
+                   'linear': ('weight', 'weight')}[weights.head_kind]
+    for key in (first, last):
+        if key not in weights.head or weights.head[key].dim() != 2:
+            raise CheckpointError(f"cannot build the {weights.head_kind} head of {where}: "
+                                  f"'{key}' missing or not a matrix")
+    hidden_dim, in_dim = weights.head[first].shape
+    out_dim = weights.head[last].shape[0]
+    if in_dim != feature_dim:
+        raise CheckpointError(f'cannot load the head of {where}: it takes {in_dim}-d input, '
+                              f'the backbone gives {feature_dim}-d features')
+    if weights.head_kind == 'moco':
+        return moco_head(in_dim, hidden_dim, out_dim)
+    if weights.head_kind == 'swav':
+        return swav_head(in_dim, hidden_dim, out_dim)
+    return nn.Linear(in_dim, out_dim)
+
+
+def _load_strict(module, state, part, where):
+    """load_state_dict(strict=True), reporting every missing/unexpected/mis-shaped key first."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]  # in module order, easiest to read
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f'{k} {tuple(state[k].shape)} vs {tuple(t.shape)}'
+                  for k, t in expected.items() if k in state and state[k].shape != t.shape]
+    problems = [f'{what}: {_preview(keys)}' for what, keys in (
+        ('missing keys', missing), ('unexpected keys', unexpected),
+        ('shape mismatch (checkpoint vs model)', mismatched)) if keys]
+    if problems:
+        raise CheckpointError(f'cannot load the {part} of {where}: ' + '; '.join(problems))
+    module.load_state_dict(state, strict=True)
+
+
+def load_teacher(arch, path, fmt='auto', with_head=True):
+    """Backbone `arch` (+ the checkpoint's projection head) with the weights of `path`.
+
+    Returns an Embedder (backbone -> head -> L2-normalise), or the bare backbone when
+    with_head=False. The module is returned as built; freezing it is the caller's choice.
+    """
+    weights = read_checkpoint(path, fmt)
+    recorded = f", the file records arch '{weights.arch}'" if weights.arch and weights.arch != arch else ''
+    where = f"checkpoint {path} (format '{weights.fmt}') into arch '{arch}'{recorded}"
+    backbone = build_backbone(arch)
+    _load_strict(backbone, weights.backbone, 'backbone', where)
+    if not with_head:
+        return backbone
+    if weights.head_kind is None:
+        raise CheckpointError(f'{where}: the file has no projection head; load the backbone alone '
+                              '(with_head=False) or use a checkpoint with its pretraining head')
+    head = _build_head(weights, backbone.feature_dim, where)
+    _load_strict(head, weights.head, 'head', where)
+    return Embedder(backbone, head)
+
+
+def load_backbone(arch, path, fmt='auto'):
+    """The backbone alone (no head) of `path`, e.g. for stage 1 features or the linear probe."""
+    return load_teacher(arch, path, fmt, with_head=False)

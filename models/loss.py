@@ -1,0 +1,60 @@
+"""BINGO's objective (SPEC stage 2, steps 4-5), the paper's variant and MoCo v2's, as pure functions.
+
+Every embedding is L2-normalised, (B, D); `queue` is (K, D), one teacher key per row.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def _contrast_ce(student: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
+                 temperature: float) -> torch.Tensor:
+    """Per-sample (1+K)-way cross-entropy of logits [s.positive, s.queue] / T with target 0.  (B,)"""
+    positive_logit = (student * positive).sum(dim=1, keepdim=True)  # (B, 1)
+    logits = torch.cat([positive_logit, negatives], dim=1) / temperature  # (B, 1+K)
+    return torch.logsumexp(logits, dim=1) - logits[:, 0]
+
+
+def _bag_term(student, teacher_anchor, teacher_neighbour, queue, weights, temperature):
+    """w1 * CE(row 1: anchor key) + w2 * CE(row 2: neighbour key), the same K negatives in both rows."""
+    negatives = student @ queue.t()  # (B, K), shared by both rows
+    w_anchor, w_neighbour = weights
+    return (w_anchor * _contrast_ce(student, teacher_anchor, negatives, temperature)
+            + w_neighbour * _contrast_ce(student, teacher_neighbour, negatives, temperature)).mean()
+
+
+def bingo_loss(student_anchor, student_neighbour, student_mix, teacher_anchor, teacher_neighbour,
+               queue, mix_lambda, lam=(0.5, 0.5), temperature=0.2):
+    """The released BINGO loss (SPEC step 5).
+
+    lam = (l_self, l_cross): the anchor view is pulled to the teacher's anchor key with l_self and to
+    its neighbour key with l_cross, the neighbour view the other way round; the CutMix view is
+    weighted by its area shares (mix_lambda for the anchor). The trainer passes lam=(1, 0) during
+    warm-up.
+    """
+    l_self, l_cross = lam
+    terms = [
+        _bag_term(student_anchor, teacher_anchor, teacher_neighbour, queue, (l_self, l_cross), temperature),
+        _bag_term(student_neighbour, teacher_anchor, teacher_neighbour, queue, (l_cross, l_self), temperature),
+        _bag_term(student_mix, teacher_anchor, teacher_neighbour, queue, (mix_lambda, 1.0 - mix_lambda), temperature),
+    ]
+    return sum(terms) / 3
+
+
+def bingo_paper_loss(student_anchor, student_neighbour, teacher_anchor, queue, temperature=0.2):
+    """The paper's L_intra + L_inter: both student views of the bag against the teacher's anchor key."""
+    intra = _contrast_ce(student_anchor, teacher_anchor, student_anchor @ queue.t(), temperature)
+    inter = _contrast_ce(student_neighbour, teacher_anchor, student_neighbour @ queue.t(), temperature)
+    return intra.mean() + inter.mean()
+
+
+def moco_loss(query, key, queue, temperature=0.2):
+    """MoCo v2's InfoNCE: one positive key per query against the queue."""
+    return _contrast_ce(query, key, query @ queue.t(), temperature).mean()
+
+
+@torch.no_grad()
+def contrast_accuracy(student, teacher_key, queue, topk=(1, 5)):
+    """Top-k accuracy (%) of the positive among [s.key, s.queue]: what the released code prints."""
+    logits = torch.cat([(student * teacher_key).sum(1, keepdim=True), student @ queue.t()], dim=1)
+    ranked = logits.topk(min(max(topk), logits.shape[1]), dim=1).indices
+    return [(ranked[:, :k] == 0).any(dim=1).float().mean() * 100 for k in topk]

@@ -1,0 +1,74 @@
+"""bingo_loss against a float64 hand computation of SPEC stage 2, steps 4-5."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import bingo_loss
+from models.loss import bingo_paper_loss, contrast_accuracy, moco_loss
+
+
+def unit(*shape):
+    return F.normalize(torch.randn(*shape, dtype=torch.float64), dim=-1)
+
+
+def hand_ce(s, positive, queue, t):
+    """-log softmax(row)[0] for one sample, with explicit Python sums."""
+    logits = [float(s @ positive) / t] + [float(s @ key) / t for key in queue]
+    top = max(logits)
+    return -(logits[0] - top - math.log(sum(math.exp(v - top) for v in logits)))
+
+
+def hand_bingo(s_a, s_p, s_m, t_a, t_p, queue, mix_lambda, lam, t):
+    def term(s, w):
+        return sum(w[0] * hand_ce(s[b], t_a[b], queue, t) + w[1] * hand_ce(s[b], t_p[b], queue, t)
+                   for b in range(s.shape[0])) / s.shape[0]
+    l_self, l_cross = lam
+    return (term(s_a, (l_self, l_cross)) + term(s_p, (l_cross, l_self))
+            + term(s_m, (mix_lambda, 1 - mix_lambda))) / 3
+
+
+@pytest.mark.parametrize('mix_lambda', [0.0, 0.37, 1.0])
+@pytest.mark.parametrize('lam', [(0.5, 0.5), (1.0, 0.0)])
+def test_bingo_loss_equals_hand_computation(mix_lambda, lam):
+    torch.manual_seed(0)
+    b, d, k, t = 4, 16, 32, 0.2
+    s_a, s_p, s_m, t_a, t_p = (unit(b, d) for _ in range(5))
+    queue = unit(k, d)
+    loss = bingo_loss(s_a, s_p, s_m, t_a, t_p, queue, mix_lambda, lam=lam, temperature=t)
+    assert loss.dtype == torch.float64 and loss.dim() == 0
+    expected = hand_bingo(s_a, s_p, s_m, t_a, t_p, queue, mix_lambda, lam, t)
+    assert abs(loss.item() - expected) < 1e-6
+
+
+def test_warmup_weights_ignore_the_neighbour_key_for_the_anchor_view():
+    torch.manual_seed(1)
+    s_a, s_p, s_m, t_a, t_p = (unit(3, 8) for _ in range(5))
+    queue = unit(16, 8)
+    other_t_p = unit(3, 8)
+    # With lam=(1, 0) and mix_lambda=1, the neighbour key only enters through the neighbour view.
+    base = bingo_loss(s_a, s_p, s_m, t_a, t_p, queue, 1.0, lam=(1.0, 0.0))
+    changed = bingo_loss(s_a, s_p, s_m, t_a, other_t_p, queue, 1.0, lam=(1.0, 0.0))
+    expected_delta = sum(hand_ce(s_p[b], other_t_p[b], queue, 0.2) - hand_ce(s_p[b], t_p[b], queue, 0.2)
+                         for b in range(3)) / 3 / 3
+    assert abs((changed - base).item() - expected_delta) < 1e-9
+
+
+def test_paper_and_moco_losses_equal_hand_computation():
+    torch.manual_seed(2)
+    s_a, s_p, t_a = (unit(3, 8) for _ in range(3))
+    queue = unit(10, 8)
+    paper = bingo_paper_loss(s_a, s_p, t_a, queue, temperature=0.2).item()
+    expected = sum(hand_ce(s_a[b], t_a[b], queue, 0.2) + hand_ce(s_p[b], t_a[b], queue, 0.2) for b in range(3)) / 3
+    assert abs(paper - expected) < 1e-9
+    moco = moco_loss(s_a, t_a, queue, temperature=0.2).item()
+    assert abs(moco - sum(hand_ce(s_a[b], t_a[b], queue, 0.2) for b in range(3)) / 3) < 1e-9
+
+
+def test_contrast_accuracy_counts_the_positive_rank():
+    queue = torch.eye(4, dtype=torch.float64)[1:]  # keys e1, e2, e3
+    student = torch.eye(4, dtype=torch.float64)[[0, 1]]  # e0 (positive wins), e1 (a queue key wins)
+    key = torch.eye(4, dtype=torch.float64)[[0, 2]]
+    acc1, acc5 = contrast_accuracy(student, key, queue)
+    assert acc1.item() == 50.0 and acc5.item() == 100.0

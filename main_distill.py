@@ -1,0 +1,176 @@
+"""Stage 2: distil a small student from a frozen self-supervised teacher with bags of neighbours
+(BINGO), or train MoCo v2 from scratch (`--method=moco`).
+
+    torchrun --nproc_per_node=8 main_distill.py --data_dir=DATA --neighbours=bags.npy \
+        --teacher=moco_v2_800ep.pth.tar --teacher_arch=resnet50 --arch=resnet18 --output_dir=runs/r18
+
+Defaults are the authors' released recipe (SPEC.md, stage 2); `--batch_size` is global.
+"""
+import os
+import time
+
+import torch
+from absl import app, flags
+
+from data.bags import BagDataset, TwoViewDataset
+from data.folder import ImageFolder
+from data.neighbours import load_neighbours
+from data.transforms import moco_v2_augmentation
+from models import ARCHS, build_student, load_teacher
+from models.checkpoints import FORMATS
+from models.distill import BingoDistiller, MoCo
+from utils import checkpoint, dist
+from utils.logging import JsonlWriter, Progress
+from utils.schedule import cosine_lr, set_lr
+from utils.training import make_loader, seed_epoch
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('data_dir', None, 'ImageFolder root holding train/.')
+flags.DEFINE_string('output_dir', None, 'Where checkpoints, student_backbone.pth and metrics.jsonl go.')
+flags.DEFINE_enum('method', 'bingo', ['bingo', 'moco'], 'bingo: distil from --teacher; moco: MoCo v2 from scratch.')
+flags.DEFINE_enum('arch', 'resnet18', ARCHS, 'Student backbone.')
+flags.DEFINE_string('neighbours', None, 'Neighbour file (N, k) .npy written by knn_extract.py (bingo).')
+flags.DEFINE_string('teacher', None, 'Teacher checkpoint (bingo).')
+flags.DEFINE_enum('teacher_arch', 'resnet50', ARCHS, 'Teacher backbone.')
+flags.DEFINE_enum('teacher_format', 'auto', FORMATS, 'Teacher checkpoint layout.')
+flags.DEFINE_enum('teacher_bn', 'train', ['train', 'eval'],
+                  'train: batch statistics with shuffle BN (released); eval: running statistics.')
+flags.DEFINE_enum('bag_loss', 'released', ['released', 'paper'],
+                  'released: SPEC step 5 with teacher neighbour keys and CutMix; paper: L_intra + L_inter.')
+flags.DEFINE_integer('epochs', 200, 'Training epochs.')
+flags.DEFINE_integer('batch_size', 256, 'Global batch size, split evenly across processes.')
+flags.DEFINE_float('lr', 0.03, 'Base learning rate (cosine per epoch).')
+flags.DEFINE_float('weight_decay', 1e-4, 'SGD weight decay (4e-5 for EfficientNet-B0).')
+flags.DEFINE_float('momentum', 0.9, 'SGD momentum.')
+flags.DEFINE_float('temperature', 0.2, 'Contrast temperature (0.12 for EfficientNet-B0).')
+flags.DEFINE_integer('queue_size', 65536, 'K, the number of teacher keys in the queue.')
+flags.DEFINE_list('lam', ['0.5', '0.5'], '(l_self, l_cross) weights after warm-up.')
+flags.DEFINE_integer('warmup_epochs', 11,
+                     'Epochs trained with lam=(1, 0) first (released: while epoch <= 10).')
+flags.DEFINE_float('moco_momentum', 0.999, 'Momentum of the MoCo key encoder (--method=moco).')
+flags.DEFINE_integer('image_size', 224, 'Crop size of the augmented views.')
+flags.DEFINE_integer('workers', 8, 'DataLoader workers per process.')
+flags.DEFINE_enum('precision', 'fp32', ['fp32', 'bf16'], 'fp32 is the released arithmetic; bf16 autocast.')
+flags.DEFINE_bool('channels_last', False, 'Channels-last memory format for the networks.')
+flags.DEFINE_integer('seed', 0, 'Seed; each epoch reseeds from (seed, epoch, rank).')
+flags.DEFINE_integer('save_freq', 10, 'Keep checkpoint_<epoch>.pth every this many epochs.')
+flags.DEFINE_integer('report_freq', 10, 'Print and log progress every this many steps.')
+flags.DEFINE_string('resume', None, "Checkpoint to continue from; 'auto' = output_dir/checkpoint.pth if present.")
+flags.DEFINE_string('device', 'auto', "'auto' (CUDA when available), 'cuda' or 'cpu'.")
+flags.mark_flags_as_required(['data_dir', 'output_dir'])
+
+
+def check_flags(world_size):
+    if FLAGS.batch_size % world_size:
+        raise app.UsageError(f'--batch_size={FLAGS.batch_size} is not divisible by {world_size} processes')
+    if FLAGS.queue_size % FLAGS.batch_size:
+        raise app.UsageError(f'--queue_size={FLAGS.queue_size} must be a multiple of the global '
+                             f'--batch_size={FLAGS.batch_size}')
+    if FLAGS.method == 'bingo' and not (FLAGS.teacher and FLAGS.neighbours):
+        raise app.UsageError('--method=bingo needs --teacher and --neighbours')
+
+
+def build_model(folder):
+    """The training module and the dataset it reads, per --method."""
+    student = build_student(FLAGS.arch)
+    augmentation = moco_v2_augmentation(FLAGS.image_size)
+    options = dict(queue_size=FLAGS.queue_size, temperature=FLAGS.temperature,
+                   precision=FLAGS.precision, channels_last=FLAGS.channels_last)
+    if FLAGS.method == 'moco':
+        return MoCo(student, momentum=FLAGS.moco_momentum, **options), TwoViewDataset(folder, augmentation)
+    neighbours = load_neighbours(FLAGS.neighbours, len(folder), folder.fingerprint())
+    teacher = load_teacher(FLAGS.teacher_arch, FLAGS.teacher, FLAGS.teacher_format)
+    model = BingoDistiller(student, teacher, bag_loss=FLAGS.bag_loss, teacher_bn=FLAGS.teacher_bn, **options)
+    return model, BagDataset(folder, neighbours, augmentation)
+
+
+def save(model, optimizer, epoch):
+    """checkpoint.pth (latest, every epoch), checkpoint_<epoch>.pth (kept) and the exported student."""
+    state = {'arch': FLAGS.arch, 'method': FLAGS.method, 'epoch': epoch + 1,
+             'student': model.student.state_dict(), 'queue': model.queue.state_dict(),
+             'optimizer': optimizer.state_dict(), 'flags': FLAGS.flag_values_dict()}
+    if FLAGS.method == 'moco':
+        state['teacher'] = model.teacher.state_dict()
+    checkpoint.save_atomic(state, os.path.join(FLAGS.output_dir, 'checkpoint.pth'))
+    if (epoch + 1) % FLAGS.save_freq == 0 or epoch + 1 == FLAGS.epochs:
+        checkpoint.save_atomic(state, os.path.join(FLAGS.output_dir, f'checkpoint_{epoch + 1:04d}.pth'))
+    # Loads into torchvision.models.<arch>() (its classifier aside).
+    checkpoint.save_atomic(model.student.backbone.state_dict(),
+                           os.path.join(FLAGS.output_dir, 'student_backbone.pth'))
+
+
+def resume(model, optimizer):
+    """Start epoch of the run: 0, or where the given/latest checkpoint stopped."""
+    path = FLAGS.resume
+    if path == 'auto':
+        path = os.path.join(FLAGS.output_dir, 'checkpoint.pth')
+        if not os.path.exists(path):
+            return 0
+    if not path:
+        return 0
+    state = checkpoint.load(path)
+    if state.get('arch') != FLAGS.arch or state.get('method') != FLAGS.method:
+        raise app.UsageError(f'--resume={path} holds a {state.get("method")} {state.get("arch")} run, '
+                             f'not --method={FLAGS.method} --arch={FLAGS.arch}')
+    model.student.load_state_dict(state['student'])
+    model.queue.load_state_dict(state['queue'])
+    if FLAGS.method == 'moco':
+        model.teacher.load_state_dict(state['teacher'])
+    optimizer.load_state_dict(state['optimizer'])
+    print(f'resumed from {path} at epoch {state["epoch"]}', flush=True)
+    return state['epoch']
+
+
+def main(argv):
+    del argv
+    info = dist.init_distributed(FLAGS.device)
+    check_flags(info.world_size)
+    torch.manual_seed(FLAGS.seed)  # same initial student and queue on every rank
+    folder = ImageFolder(os.path.join(FLAGS.data_dir, 'train'))
+    model, dataset = build_model(folder)
+    model.to(info.device)
+    optimizer = torch.optim.SGD(model.student.parameters(), FLAGS.lr, momentum=FLAGS.momentum,
+                                weight_decay=FLAGS.weight_decay)
+    start_epoch = resume(model, optimizer)
+    train_model = model
+    if info.world_size > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.local_rank] if info.device.type == 'cuda' else None)
+    per_rank_batch = FLAGS.batch_size // info.world_size
+    loader, sampler = make_loader(dataset, per_rank_batch, FLAGS.workers, train=True, seed=FLAGS.seed)
+    if dist.is_main():
+        os.makedirs(FLAGS.output_dir, exist_ok=True)
+        print(f'{FLAGS.method}: student {FLAGS.arch}, {len(dataset)} images, {len(loader)} steps/epoch '
+              f'of {FLAGS.batch_size} on {info.world_size} x {info.device.type}', flush=True)
+    progress = Progress(len(loader) * (FLAGS.epochs - start_epoch), FLAGS.report_freq,
+                        JsonlWriter(os.path.join(FLAGS.output_dir, 'metrics.jsonl')))
+    lam = tuple(float(v) for v in FLAGS.lam)
+    n_views = 4 if FLAGS.method == 'bingo' else 2  # (q, k, pq, pk, i, j) or (q, k, i)
+    for epoch in range(start_epoch, FLAGS.epochs):
+        seed_epoch(FLAGS.seed, epoch, info.rank, sampler)
+        lr = cosine_lr(FLAGS.lr, epoch, FLAGS.epochs)
+        set_lr(optimizer, lr)
+        epoch_lam = (1.0, 0.0) if epoch < FLAGS.warmup_epochs else lam
+        model.train()
+        for step, views in enumerate(loader):
+            views = [v.to(info.device, non_blocking=True) for v in views[:n_views]]  # drop the indices
+            if FLAGS.method == 'bingo':
+                loss, (acc1, acc5) = train_model(*views, lam=epoch_lam)
+            else:
+                loss, (acc1, acc5) = train_model(*views)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            shown = progress.update({'epoch': epoch}, step, len(loader), FLAGS.batch_size,
+                                    loss=loss, acc1=acc1, acc5=acc5, lr=lr)
+            if shown and not torch.isfinite(torch.tensor(shown['loss'])):
+                raise FloatingPointError(f'loss is {shown["loss"]} at epoch {epoch} step {step + 1}; '
+                                         f'stopping, the last good checkpoint in {FLAGS.output_dir} is kept')
+        if dist.is_main():
+            save(model, optimizer, epoch)
+        dist.barrier()
+    dist.cleanup()
+
+
+if __name__ == '__main__':
+    app.run(main)

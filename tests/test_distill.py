@@ -1,0 +1,172 @@
+"""Stage 2: the BINGO step in process, and main_distill.py end to end on 1 and 2 gloo processes."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from data.folder import ImageFolder
+from data.neighbours import save_neighbours
+from models import build_student
+from models.distill import BingoDistiller, MoCo
+from models.loss import bingo_paper_loss
+from tests.test_knn_extract import run_script
+from utils import checkpoint
+
+
+def test_step_pushes_teacher_anchor_keys_and_leaves_the_teacher_frozen():
+    torch.manual_seed(0)
+    student, teacher = build_student('resnet18'), build_student('resnet18')
+    model = BingoDistiller(student, teacher, queue_size=8, teacher_bn='eval').train()
+    assert not teacher.training  # --teacher_bn=eval keeps running statistics in train()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    views = [torch.randn(4, 3, 32, 32) for _ in range(4)]
+    loss, (acc1, acc5) = model(*views)
+    loss.backward()
+    assert torch.isfinite(loss) and 0 <= acc1 <= acc5 <= 100
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is not None for p in student.parameters())
+    with torch.no_grad():
+        assert torch.allclose(model.queue.keys[:4], teacher(views[1]), atol=1e-6)
+    assert model.queue.ptr.item() == 4
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+
+
+def test_paper_loss_is_both_views_against_the_teacher_anchor_key():
+    torch.manual_seed(0)
+    student, teacher = build_student('resnet18'), build_student('resnet18')
+    model = BingoDistiller(student, teacher, queue_size=8, bag_loss='paper', teacher_bn='eval').train()
+    anchor, anchor_key, neighbour = (torch.randn(4, 3, 32, 32) for _ in range(3))
+    queue = model.queue.keys.clone()
+    # The teacher's neighbour key is never used: any tensor there gives the same loss.
+    loss, _ = model(anchor, anchor_key, neighbour, torch.full((4, 3, 32, 32), float('nan')))
+    with torch.no_grad():
+        expected = bingo_paper_loss(student(anchor), student(neighbour), teacher(anchor_key), queue)
+    assert torch.allclose(loss, expected, atol=1e-6)
+
+
+def test_moco_teacher_follows_the_student_by_momentum():
+    torch.manual_seed(0)
+    model = MoCo(build_student('resnet18'), queue_size=8, momentum=0.5)
+    with torch.no_grad():
+        for p in model.student.parameters():
+            p.add_(1.0)
+    t_before = [p.clone() for p in model.teacher.parameters()]
+    model(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32))
+    for t0, t1, s in zip(t_before, model.teacher.parameters(), model.student.parameters()):
+        assert torch.allclose(t1, 0.5 * t0 + 0.5 * s)
+
+
+# --- main_distill.py end to end -------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def bingo_inputs(tiny_folder, tmp_path_factory):
+    """A resnet18 teacher in this project's checkpoint layout and a valid neighbour file."""
+    root = tmp_path_factory.mktemp('bingo_inputs')
+    torch.manual_seed(0)
+    teacher = str(root / 'teacher.pth')
+    torch.save({'student': build_student('resnet18').state_dict(), 'arch': 'resnet18'}, teacher)
+    folder = ImageFolder(os.path.join(tiny_folder, 'train'))
+    n = len(folder)
+    neighbours = np.stack([(np.arange(n) + s) % n for s in (1, 2, 3)], axis=1)
+    bags = str(root / 'bags.npy')
+    save_neighbours(bags, neighbours, {'dataset_fingerprint': folder.fingerprint()})
+    return teacher, bags
+
+
+def distill(data_dir, output_dir, nproc=1, **flags):
+    options = dict(data_dir=data_dir, output_dir=output_dir, arch='resnet18', teacher_arch='resnet18',
+                   image_size=32, batch_size=8, queue_size=16, epochs=1, workers=0, device='cpu',
+                   report_freq=1, warmup_epochs=1)
+    return run_script('main_distill.py', nproc, **{**options, **flags})
+
+
+@pytest.fixture(scope='module')
+def two_process_run(tiny_folder, bingo_inputs, tmp_path_factory):
+    teacher, bags = bingo_inputs
+    out = str(tmp_path_factory.mktemp('distill') / 'run')
+    result = distill(tiny_folder, out, nproc=2, teacher=teacher, neighbours=bags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_two_processes_train_gather_the_queue_and_export(two_process_run):
+    out, result = two_process_run
+    state = checkpoint.load(os.path.join(out, 'checkpoint.pth'))
+    assert state['epoch'] == 1 and state['arch'] == 'resnet18'
+    # 24 images / global batch 8 = 3 steps; each pushes the keys of BOTH ranks (8) into K = 16.
+    assert state['queue']['ptr'].item() == (3 * 8) % 16
+    assert torch.allclose(state['queue']['keys'].norm(dim=1), torch.ones(16), atol=1e-5)
+    lines = [json.loads(line) for line in open(os.path.join(out, 'metrics.jsonl'))]
+    assert [line['step'] for line in lines] == [1, 2, 3]
+    assert {'loss', 'acc1', 'acc5', 'lr', 'samples_per_s', 'eta_s', 'epoch'} <= set(lines[0])
+    assert '[3/3]' in result.stdout and 'eta' in result.stdout
+    # The exported student loads into torchvision's own model, only the classifier missing.
+    exported = torch.load(os.path.join(out, 'student_backbone.pth'))
+    missing, unexpected = torchvision.models.resnet18().load_state_dict(exported, strict=False)
+    assert sorted(missing) == ['fc.bias', 'fc.weight'] and not unexpected
+    assert torch.equal(exported['conv1.weight'], state['student']['backbone.conv1.weight'])
+    assert os.path.exists(os.path.join(out, 'checkpoint_0001.pth'))  # the last epoch is kept
+
+
+def test_resumed_run_ends_like_an_uninterrupted_one(tiny_folder, bingo_inputs, two_process_run, tmp_path):
+    teacher, bags = bingo_inputs
+    resumed = str(tmp_path / 'resumed')
+    shutil.copytree(two_process_run[0], resumed)
+    result = distill(tiny_folder, resumed, nproc=2, teacher=teacher, neighbours=bags, epochs=2, resume='auto')
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'resumed from' in result.stdout
+    straight = str(tmp_path / 'straight')
+    result = distill(tiny_folder, straight, nproc=2, teacher=teacher, neighbours=bags, epochs=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a = checkpoint.load(os.path.join(resumed, 'checkpoint.pth'))
+    b = checkpoint.load(os.path.join(straight, 'checkpoint.pth'))
+    assert a['epoch'] == b['epoch'] == 2
+    assert torch.allclose(a['queue']['keys'], b['queue']['keys'], atol=1e-5)
+    for key, value in a['student'].items():
+        assert torch.allclose(value.float(), b['student'][key].float(), atol=1e-5), key
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_folder, bingo_inputs, two_process_run, tmp_path):
+    teacher, bags = bingo_inputs
+    out = str(tmp_path / 'nan')
+    shutil.copytree(two_process_run[0], out)
+    good = checkpoint.load(os.path.join(out, 'checkpoint.pth'))
+    result = distill(tiny_folder, out, teacher=teacher, neighbours=bags, epochs=3, resume='auto',
+                     lr=1e30, batch_size=8)
+    assert result.returncode != 0 and 'loss is nan' in result.stderr
+    kept = checkpoint.load(os.path.join(out, 'checkpoint.pth'))
+    assert kept['epoch'] == good['epoch'] == 1
+    assert torch.equal(kept['student']['backbone.conv1.weight'], good['student']['backbone.conv1.weight'])
+
+
+def test_moco_method_trains_from_scratch(tiny_folder, tmp_path):
+    out = str(tmp_path / 'moco')
+    result = distill(tiny_folder, out, method='moco')
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = checkpoint.load(os.path.join(out, 'checkpoint.pth'))
+    assert state['method'] == 'moco' and 'teacher' in state
+    assert state['queue']['ptr'].item() == (3 * 8) % 16
+
+
+@pytest.mark.parametrize('flags, message', [
+    (dict(queue_size=12), '--queue_size=12 must be a multiple'),
+    (dict(neighbours=None), '--method=bingo needs --teacher and --neighbours'),
+])
+def test_bad_flags_are_refused(tiny_folder, bingo_inputs, tmp_path, flags, message):
+    teacher, bags = bingo_inputs
+    options = {'teacher': teacher, 'neighbours': bags, **flags}
+    result = distill(tiny_folder, str(tmp_path / 'run'), **{k: v for k, v in options.items() if v is not None})
+    assert result.returncode != 0 and message in result.stderr
+
+
+def test_neighbour_file_of_another_dataset_is_refused(tiny_folder, bingo_inputs, tmp_path):
+    teacher, _ = bingo_inputs
+    n = len(ImageFolder(os.path.join(tiny_folder, 'train')))
+    bags = str(tmp_path / 'other.npy')
+    save_neighbours(bags, np.stack([(np.arange(n) + 1) % n] * 3, axis=1), {'dataset_fingerprint': 'f' * 64})
+    result = distill(tiny_folder, str(tmp_path / 'run'), teacher=teacher, neighbours=bags)
+    assert result.returncode != 0 and 'other.npy' in result.stderr and 'f' * 12 in result.stderr

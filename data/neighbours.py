@@ -11,6 +11,8 @@ import os
 
 import numpy as np
 
+from utils.checkpoint import write_atomic, write_json_atomic
+
 
 class NeighbourFileError(ValueError):
     """A neighbour file that does not fit the dataset it is used with."""
@@ -18,19 +20,6 @@ class NeighbourFileError(ValueError):
 
 def sidecar_path(path):
     return os.fspath(path) + '.json'
-
-
-def _write_atomic(path, write):
-    """Call write(file) on a temporary file next to path, then move it into place."""
-    tmp = f'{path}.{os.getpid()}.tmp'
-    try:
-        with open(tmp, 'wb') as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_neighbours(path, neighbours, meta):
@@ -42,9 +31,8 @@ def save_neighbours(path, neighbours, meta):
                                  f'got shape {neighbours.shape} dtype {neighbours.dtype}')
     n, k = neighbours.shape
     sidecar = dict(meta, N=n, k=k)
-    _write_atomic(path, lambda f: np.save(f, neighbours.astype(np.int64, copy=False)))
-    _write_atomic(sidecar_path(path),
-                  lambda f: f.write(json.dumps(sidecar, indent=2, sort_keys=True).encode() + b'\n'))
+    write_atomic(path, lambda f: np.save(f, neighbours.astype(np.int64, copy=False)))
+    write_json_atomic(sidecar, sidecar_path(path))
 
 
 def _read_sidecar(path):

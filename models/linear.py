@@ -1,0 +1,43 @@
+"""The linear probe of SPEC stage 3: a frozen backbone and one trainable Linear layer."""
+import hashlib
+
+import torch
+import torch.nn as nn
+
+
+class LinearProbe(nn.Module):
+    """Frozen backbone -> pooled features (B, d) -> Linear(d, classes).
+
+    The backbone's parameters have requires_grad=False, its forward runs without autograd, and
+    it stays in eval mode whatever `.train()` is called with, so BatchNorm normalises with, and
+    never updates, its running statistics. Only `.linear` has anything to learn.
+    """
+
+    def __init__(self, backbone, num_classes):
+        super().__init__()
+        self.backbone = backbone.requires_grad_(False).eval()
+        self.linear = nn.Linear(backbone.feature_dim, num_classes)
+        nn.init.normal_(self.linear.weight, mean=0.0, std=0.01)
+        nn.init.zeros_(self.linear.bias)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def features(self, images):  # (B, 3, H, W) -> (B, d)
+        with torch.no_grad():
+            return self.backbone(images)
+
+    def forward(self, images):  # (B, 3, H, W) -> (B, classes) logits
+        return self.linear(self.features(images))
+
+    def backbone_digest(self):
+        """{name: sha256 hex} of every backbone parameter and buffer (BatchNorm statistics too).
+
+        Two digests are equal iff no backbone tensor changed by even one bit; a probe checkpoint
+        stores one so that a resumed or evaluated probe is paired with the backbone it was trained on.
+        """
+        return {name: hashlib.sha256(tensor.detach().cpu().contiguous().reshape(-1)
+                                     .view(torch.uint8).numpy()).hexdigest()
+                for name, tensor in self.backbone.state_dict().items()}

@@ -1,0 +1,142 @@
+"""Markdown table of every finished linear-probe and kNN evaluation, beside the paper's numbers.
+
+    python tools/collect_results.py runs/
+
+Finds the result_linear.json and result_knn.json files main_lincls.py writes at the end of a
+run, anywhere below the given folders. Results of the same --pretrained checkpoint share a
+row; where one checkpoint was evaluated more than once, the newest file wins.
+"""
+import argparse
+import json
+import os
+import re
+
+RESULT_FILES = {'linear': 'result_linear.json', 'knn': 'result_knn.json'}
+
+# SPEC.md: ImageNet-1k linear top-1 / top-5 (%) after 200 distillation epochs; None = not reported.
+PAPER = {
+    ('MoCo v2 student alone', 'resnet18'): (52.5, 77.0),
+    ('MoCo v2 student alone', 'resnet34'): (57.4, 81.6),
+    ('MoCo v2 R-50 200 ep', 'resnet18'): (61.4, 84.3),
+    ('MoCo v2 R-50 200 ep', 'resnet34'): (63.5, 85.7),
+    ('MoCo v2 R-50 800 ep', 'resnet18'): (64.0, 85.7),
+    ('MoCo v2 R-50 800 ep', 'resnet34'): (66.1, 87.2),
+    ('R-152', 'resnet18'): (65.9, 87.1),
+    ('R-152', 'resnet34'): (69.1, 88.9),
+    ('SwAV R-50w2', 'resnet18'): (65.5, 87.0),
+    ('SwAV R-50w2', 'resnet34'): (68.9, 89.0),
+    ('SwAV R-50w2', 'efficientnet_b0'): (69.3, None),
+    ('SwAV R-50w2', 'mobilenet_v3_large'): (67.1, None),
+}
+TEACHER_ORDER = list(dict.fromkeys(teacher for teacher, _ in PAPER))
+COLUMNS = ('run', 'teacher', 'student', 'distill epochs', 'linear epochs', 'linear top-1',
+           'linear top-5', 'kNN top-1', 'paper top-1 / top-5')
+
+
+class ResultError(ValueError):
+    """A result file that cannot be read as main_lincls.py writes it."""
+
+
+def teacher_label(result):
+    """The teacher as SPEC's table names it, from the distillation run's record in the result.
+
+    A result without a distillation record probed the --pretrained file itself (e.g. a teacher).
+    """
+    method = result.get('method')
+    if method == 'moco':
+        return 'MoCo v2 student alone'
+    if method != 'bingo':
+        return '-'
+    arch, name = result.get('teacher_arch'), result.get('teacher') or ''
+    if arch == 'resnet50w2':
+        return 'SwAV R-50w2'
+    if arch == 'resnet152':
+        return 'R-152'
+    epochs = re.search(r'(\d+)ep', name)
+    if arch == 'resnet50' and 'moco' in name.lower() and epochs and epochs.group(1) in ('200', '800'):
+        return f'MoCo v2 R-50 {epochs.group(1)} ep'
+    return f'{arch} ({name})'
+
+
+def read_result(path):
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ResultError(f'cannot read result file {path}: {e}') from e
+    missing = [key for key in ('top1', 'top5', 'arch', 'pretrained') if key not in result]
+    if missing:
+        raise ResultError(f'result file {path} lacks {", ".join(missing)}; was it written by main_lincls.py?')
+    return result
+
+
+def collect(roots):
+    """{pretrained path: {'linear': result, 'knn': result}}, the newest file of each kind."""
+    found = {}
+    for root in roots:
+        for folder, _, files in os.walk(root):
+            for kind, name in RESULT_FILES.items():
+                if name not in files:
+                    continue
+                path = os.path.join(folder, name)
+                result = read_result(path)
+                runs = found.setdefault(result['pretrained'], {})
+                mtime = os.path.getmtime(path)
+                if kind not in runs or mtime > runs[kind][0]:
+                    runs[kind] = (mtime, result)
+    return {pretrained: {kind: result for kind, (_, result) in runs.items()}
+            for pretrained, runs in found.items()}
+
+
+def _number(value, digits=1):
+    return '-' if value is None else f'{value:.{digits}f}'
+
+
+def _shown_path(path, roots):
+    """path relative to the searched folder holding it, else as recorded."""
+    for root in roots:
+        relative = os.path.relpath(path, os.path.abspath(root))
+        if not relative.startswith(os.pardir):
+            return relative
+    return path
+
+
+def table_rows(runs, roots):
+    """One row of COLUMNS per checkpoint, in SPEC's table order, then the others by path."""
+    rows = []
+    for pretrained, results in runs.items():
+        linear, knn = results.get('linear', {}), results.get('knn', {})
+        info = linear or knn
+        teacher, student = teacher_label(info), info['arch']
+        paper = PAPER.get((teacher, student))
+        paper_text = '-' if paper is None else f'{_number(paper[0])} / {_number(paper[1])}'
+        knn_text = f'{_number(knn["top1"])} (k={knn["k"]})' if knn else '-'
+        order = TEACHER_ORDER.index(teacher) if teacher in TEACHER_ORDER else len(TEACHER_ORDER)
+        rows.append(((order, student, pretrained), [
+            _shown_path(pretrained, roots), teacher, student, str(info.get('distill_epochs') or '-'),
+            str(linear.get('epochs', '-')), _number(linear.get('top1')), _number(linear.get('top5')),
+            knn_text, paper_text]))
+    return [row for _, row in sorted(rows)]
+
+
+def markdown(rows):
+    lines = ['| ' + ' | '.join(COLUMNS) + ' |', '|' + '---|' * len(COLUMNS)]
+    lines += ['| ' + ' | '.join(row) + ' |' for row in rows]
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('roots', nargs='*', default=['runs'], help='folders to search (default: runs)')
+    args = parser.parse_args(argv)
+    for root in args.roots:
+        if not os.path.isdir(root):
+            raise SystemExit(f'{root} is not a folder')
+    runs = collect(args.roots)
+    if not runs:
+        raise SystemExit(f'no {" or ".join(RESULT_FILES.values())} below {", ".join(args.roots)}')
+    print(markdown(table_rows(runs, args.roots)))
+
+
+if __name__ == '__main__':
+    main()

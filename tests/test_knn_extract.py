@@ -1,0 +1,101 @@
+"""Stage 1 end to end: knn_extract.py on real pixels, 1 and 2 processes, and its bad inputs."""
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data.folder import ImageFolder
+from data.transforms import eval_transform
+from models import build_backbone, load_backbone
+from tests.multiprocess import torchrun, torchrun_env
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(script, nproc=1, **flags):
+    """Run a stage script with --flag=value arguments; returns the completed process."""
+    args = [f'--{key}={value}' for key, value in flags.items()]
+    return subprocess.run(torchrun(nproc) + [os.path.join(REPO, script)] + args, cwd=REPO,
+                          env=torchrun_env(), capture_output=True, text=True, timeout=300)
+
+
+def extract(data_dir, teacher, output, nproc=1, **flags):
+    options = dict(data_dir=data_dir, teacher=teacher, teacher_arch='resnet18', output=output,
+                   image_size=32, batch_size=5, workers=0, device='cpu', clus_pos_num=3)
+    return run_script('knn_extract.py', nproc, **{**options, **flags})
+
+
+@pytest.fixture(scope='module')
+def teacher_file(tmp_path_factory):
+    """A resnet18 backbone in the plain torchvision layout (fc included, as torchvision saves it)."""
+    torch.manual_seed(0)
+    backbone = build_backbone('resnet18')
+    state = dict(backbone.state_dict(), **{'fc.weight': torch.zeros(10, 512), 'fc.bias': torch.zeros(10)})
+    path = tmp_path_factory.mktemp('teacher') / 'resnet18_teacher.pth'
+    torch.save(state, path)
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def one_process_result(tiny_folder, teacher_file, tmp_path_factory):
+    output = str(tmp_path_factory.mktemp('bags') / 'bags.npy')
+    result = extract(tiny_folder, teacher_file, output)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output, result.stdout
+
+
+def test_neighbours_are_the_exact_nearest_by_index(tiny_folder, teacher_file, one_process_result):
+    output, stdout = one_process_result
+    neighbours = np.load(output)
+    folder = ImageFolder(os.path.join(tiny_folder, 'train'), transform=eval_transform(32))
+    assert neighbours.shape == (len(folder), 3) and neighbours.dtype.kind == 'i'
+    teacher = load_backbone('resnet18', teacher_file).eval()
+    with torch.no_grad():
+        features = F.normalize(teacher(torch.stack([folder[i][0] for i in range(len(folder))])), dim=1)
+    similarity = features @ features.t()
+    similarity.fill_diagonal_(-float('inf'))
+    expected = similarity.topk(3, dim=1).indices.numpy()
+    assert (neighbours == expected).mean() > 0.98  # float ties between runs aside
+    assert not (neighbours == np.arange(len(folder))[:, None]).any()
+    sidecar = json.load(open(output + '.json'))
+    assert sidecar['dataset_fingerprint'] == folder.fingerprint()
+    assert sidecar['teacher_arch'] == 'resnet18' and sidecar['feature_dim'] == 512
+    assert 'bag precision' in stdout
+
+
+def test_two_processes_write_the_same_file(tiny_folder, teacher_file, one_process_result, tmp_path):
+    output = str(tmp_path / 'bags2.npy')
+    result = extract(tiny_folder, teacher_file, output, nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert np.array_equal(np.load(output), np.load(one_process_result[0]))
+
+
+def test_k_not_below_dataset_size_is_refused(tiny_folder, teacher_file, tmp_path):
+    result = extract(tiny_folder, teacher_file, str(tmp_path / 'x.npy'), clus_pos_num=24)
+    assert result.returncode != 0 and '--clus_pos_num=24' in result.stderr
+    assert not os.path.exists(tmp_path / 'x.npy')
+
+
+def test_wrong_architecture_checkpoint_names_the_file(tiny_folder, teacher_file, tmp_path):
+    result = extract(tiny_folder, teacher_file, str(tmp_path / 'x.npy'), teacher_arch='resnet34')
+    assert result.returncode != 0
+    assert 'resnet18_teacher.pth' in result.stderr and 'layer1.2' in result.stderr
+
+
+def test_corrupt_image_names_the_file(tiny_folder, teacher_file, tmp_path):
+    data = tmp_path / 'data'
+    shutil.copytree(tiny_folder, data)
+    victim = sorted((data / 'train').glob('*/*'))[5]
+    victim.write_bytes(b'not an image')
+    result = extract(str(data), teacher_file, str(tmp_path / 'x.npy'))
+    assert result.returncode != 0 and victim.name in result.stderr
+
+
+def test_missing_data_dir_is_named(teacher_file, tmp_path):
+    result = extract(str(tmp_path / 'nowhere'), teacher_file, str(tmp_path / 'x.npy'))
+    assert result.returncode != 0 and 'nowhere' in result.stderr

@@ -19,7 +19,7 @@ from absl import app, flags
 
 from data.folder import ImageFolder, check_same_classes
 from data.transforms import eval_transform, linear_train_transform
-from models import ARCHS, load_backbone
+from models import ARCHS, build_backbone, load_backbone
 from models.checkpoints import FORMATS
 from models.linear import LinearProbe
 from utils import checkpoint, dist, knn
@@ -34,7 +34,7 @@ flags.DEFINE_string('data_dir', None, 'ImageFolder root holding train/ and val/ 
 flags.DEFINE_string('output_dir', None, 'Where checkpoints, metrics.jsonl and the result JSON go.')
 flags.DEFINE_enum('arch', 'resnet18', ARCHS, 'Backbone of --pretrained.')
 flags.DEFINE_string('pretrained', None, 'Checkpoint holding the backbone (distillation run, exported '
-                    'student_backbone.pth, or a teacher).')
+                    "student_backbone.pth, or a teacher), or 'random': the untrained --arch, a baseline.")
 flags.DEFINE_enum('pretrained_format', 'auto', FORMATS,
                   "Layout of --pretrained: 'bingo' a distillation checkpoint, 'torchvision' the exported "
                   'backbone, moco/swav a teacher.')
@@ -74,6 +74,8 @@ def check_flags(world_size):
 def pretrained_source():
     """Where the backbone comes from, for the result file: the distillation run's own record
     (method, teacher, epochs) when --pretrained is a main_distill.py checkpoint."""
+    if FLAGS.pretrained == 'random':
+        return {'arch': FLAGS.arch, 'pretrained': 'random', 'method': 'random init'}
     source = {'arch': FLAGS.arch, 'pretrained': os.path.abspath(FLAGS.pretrained)}
     try:
         state = torch.load(FLAGS.pretrained, map_location='cpu', weights_only=True)
@@ -200,7 +202,10 @@ def main(argv):
     train_folder = ImageFolder(os.path.join(FLAGS.data_dir, 'train'), train_transform)
     val_folder = ImageFolder(os.path.join(FLAGS.data_dir, 'val'), eval_transform(FLAGS.image_size))
     check_same_classes(train_folder, val_folder)
-    backbone = load_backbone(FLAGS.arch, FLAGS.pretrained, FLAGS.pretrained_format)
+    if FLAGS.pretrained == 'random':
+        backbone = build_backbone(FLAGS.arch)  # initialised from --seed, like the probe
+    else:
+        backbone = load_backbone(FLAGS.arch, FLAGS.pretrained, FLAGS.pretrained_format)
     if FLAGS.eval == 'knn':
         finish(knn_evaluation(backbone, train_folder, val_folder, info.device), 'result_knn.json')
         dist.cleanup()

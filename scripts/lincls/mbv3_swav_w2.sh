@@ -1,14 +1,4 @@
 #!/usr/bin/env bash
-# Linear probe (SPEC stage 3) and kNN check of MobileNet-v3-large distilled from SwAV R-50w2.
-# Paper (ImageNet linear): 67.1 top-1. Extra flags are passed to both runs; several nodes: add
-# --nnodes, --node_rank and --master_addr to torchrun.
-# SPEC gives no probe lr for MobileNet-v3; it uses EfficientNet-B0's (lr 3.0, min_lr 0.001).
-set -euo pipefail
-DATA=/path/to/imagenet  # holds train/ and val/
-RUN=runs/mbv3_swav_w2  # the distillation output_dir (checkpoint.pth)
-
-cd "$(dirname "$0")/../.."
-torchrun --nproc_per_node=${GPUS:-8} main_lincls.py --eval=knn --knn_k=20,10,200 --arch=mobilenet_v3_large \
-  --data_dir="$DATA" --pretrained="$RUN/checkpoint.pth" --output_dir="$RUN/knn" "$@"
-torchrun --nproc_per_node=${GPUS:-8} main_lincls.py --arch=mobilenet_v3_large --lr=3.0 --min_lr=0.001 --resume=auto \
-  --data_dir="$DATA" --pretrained="$RUN/checkpoint.pth" --output_dir="$RUN/lincls" "$@"
+# MobileNet-v3-large distilled from SwAV R-50w2 (SPEC gives no probe lr: EfficientNet-B0's). Paper (ImageNet linear): 67.1 top-1.
+export ARCH=mobilenet_v3_large RUN=${RUN:-runs/mbv3_swav_w2}
+exec bash "$(dirname "$0")/evaluate.sh" --lr=3.0 --min_lr=0.001 "$@"

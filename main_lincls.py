@@ -1,13 +1,19 @@
-"""Stage 3: linear probe of a frozen backbone (SPEC stage 3), or its weighted kNN accuracy.
+"""Stage 3: linear probe of a frozen backbone (SPEC stage 3), its weighted kNN accuracy, and
+semi-supervised training on a labelled subset.
 
     torchrun --nproc_per_node=8 main_lincls.py --data_dir=DATA --arch=resnet18 \
         --pretrained=runs/r18/checkpoint.pth --output_dir=runs/r18/lincls
     torchrun --nproc_per_node=8 main_lincls.py --eval=knn ...   # no training, k=20, T=0.07
+    torchrun --nproc_per_node=8 main_lincls.py --protocol=finetune --train_subset=1percent.txt ...
 
 The backbone comes from a distillation checkpoint (student weights, head dropped), its exported
-student_backbone.pth, or any teacher checkpoint of stage 1. Defaults are SPEC's recipe for
-ResNets; `--batch_size` is global. The run ends with one JSON line, also written to
-<output_dir>/result_linear.json (result_knn.json for --eval=knn), for tools/collect_results.py.
+student_backbone.pth, or any teacher checkpoint of stage 1. `--protocol=linear` trains a Linear
+classifier on the frozen backbone; `--protocol=finetune` trains the whole network. Either trains
+on every training image, on those a `--train_subset` list names, or on a class-balanced
+`--train_percent` draw. Defaults are SPEC's probe recipe for ResNets (fine-tuning: see
+FINETUNE_DEFAULTS); `--batch_size` is global. The run ends with one JSON line, also written to
+<output_dir>/result_linear.json (result_knn.json for --eval=knn; result_semi.json when fine-tuning
+or training on a subset), for tools/collect_results.py.
 """
 import json
 import os
@@ -18,15 +24,16 @@ import torch.nn.functional as F
 from absl import app, flags
 
 from data.folder import ImageFolder, check_same_classes
+from data.subsets import LabelledSubset, balanced_subset, load_subset, write_subset_list
 from data.transforms import eval_transform, linear_train_transform
 from models import ARCHS, build_backbone, load_backbone
 from models.checkpoints import FORMATS
-from models.linear import LinearProbe
+from models.linear import FineTuned, LinearProbe
 from utils import checkpoint, dist, knn
 from utils.features import embed, gather_by_index
 from utils.knn_classifier import knn_classify
 from utils.logging import JsonlWriter, Progress
-from utils.schedule import cosine_lr, set_lr
+from utils.schedule import cosine_lr
 from utils.training import make_loader, seed_epoch
 
 FLAGS = flags.FLAGS
@@ -40,10 +47,24 @@ flags.DEFINE_enum('pretrained_format', 'auto', FORMATS,
                   'backbone, moco/swav a teacher.')
 flags.DEFINE_enum('eval', 'linear', ['linear', 'knn'],
                   'linear: train the probe; knn: weighted kNN vote, no training.')
-flags.DEFINE_integer('epochs', 120, 'Training epochs of the probe.')
+flags.DEFINE_enum('protocol', 'linear', ['linear', 'finetune'],
+                  'linear: train a Linear classifier on the frozen backbone (SPEC stage 3; DisCo\'s '
+                  'semi-supervised protocol); finetune: train the whole network, BatchNorm in train mode '
+                  '(SPEC\'s semi-supervised table).')
+flags.DEFINE_string('train_subset', None,
+                    'List of the labelled training images, one per line: a file name (SimCLR\'s 1 % / 10 % '
+                    'ImageNet lists) or a path below train/ (the list --train_percent writes).')
+flags.DEFINE_float('train_percent', None,
+                   'Train on this many % of the training images, the same number from every class, '
+                   'drawn with --seed; the list is written to <output_dir>/train_subset.txt for reuse.')
+flags.DEFINE_integer('epochs', None, 'Training epochs; default 120 (linear) or 20 (finetune).')
 flags.DEFINE_integer('batch_size', 256, 'Global batch size, split evenly across processes.')
-flags.DEFINE_float('lr', 30.0, 'Base learning rate (3.0 for EfficientNet-B0).')
-flags.DEFINE_float('min_lr', 0.01, 'Learning rate the cosine ends at (0.001 for EfficientNet-B0).')
+flags.DEFINE_float('lr', None, 'Learning rate of the classifier; default 30 (linear; 3.0 for '
+                   'EfficientNet-B0) or 0.2 (finetune).')
+flags.DEFINE_float('backbone_lr', None, 'Learning rate of the backbone (--protocol=finetune); default 0.01.')
+flags.DEFINE_float('min_lr', None, 'Classifier learning rate the cosine ends at; default 0.01 (linear; '
+                   '0.001 for EfficientNet-B0) or 0 (finetune). The backbone\'s ends at the same fraction '
+                   'of --backbone_lr.')
 flags.DEFINE_float('weight_decay', 0.0, 'SGD weight decay.')
 flags.DEFINE_float('momentum', 0.9, 'SGD momentum.')
 flags.DEFINE_list('knn_k', ['20'], 'Neighbours voting (--eval=knn); the first is the headline result.')
@@ -60,15 +81,84 @@ flags.DEFINE_bool('evaluate', False,
 flags.DEFINE_string('device', 'auto', "'auto' (CUDA when available), 'cuda' or 'cpu'.")
 flags.mark_flags_as_required(['data_dir', 'pretrained', 'output_dir'])
 
+LINEAR_DEFAULTS = {'epochs': 120, 'lr': 30.0, 'min_lr': 0.01}  # SPEC stage 3
+# Not from the BINGO release (SPEC gives no fine-tuning recipe): SwAV's semi-supervised
+# fine-tuning of a self-supervised ResNet at batch 256 (20 epochs, SGD 0.9, no weight decay,
+# backbone lr 0.01 and classifier lr 0.2 on 10 % of the labels; 0.02 and 5.0 on 1 %, which
+# scripts/semi passes), with a cosine schedule to 0 in place of SwAV's two steps.
+FINETUNE_DEFAULTS = {'epochs': 20, 'lr': 0.2, 'backbone_lr': 0.01, 'min_lr': 0.0}
+
 
 def check_flags(world_size):
     if FLAGS.batch_size % world_size:
         raise app.UsageError(f'--batch_size={FLAGS.batch_size} is not divisible by {world_size} processes')
+    if FLAGS.train_subset and FLAGS.train_percent is not None:
+        raise app.UsageError('--train_subset and --train_percent both choose the labelled images: pass one')
+    if FLAGS.protocol == 'linear' and FLAGS.backbone_lr is not None:
+        raise app.UsageError('--backbone_lr applies to --protocol=finetune; the linear probe\'s backbone '
+                             'is frozen')
     if FLAGS.eval == 'knn':
         if not FLAGS.knn_k or not all(k.isdigit() and int(k) > 0 for k in FLAGS.knn_k):
             raise app.UsageError(f'--knn_k={",".join(FLAGS.knn_k)} must list positive integers')
         if FLAGS.evaluate or FLAGS.resume:
             raise app.UsageError('--eval=knn trains nothing: --evaluate and --resume do not apply')
+        if FLAGS.protocol != 'linear' or FLAGS.train_subset or FLAGS.train_percent is not None:
+            raise app.UsageError('--eval=knn votes with every training image and trains nothing: '
+                                 '--protocol, --train_subset and --train_percent do not apply')
+    for name, value in (FINETUNE_DEFAULTS if FLAGS.protocol == 'finetune' else LINEAR_DEFAULTS).items():
+        if FLAGS[name].value is None:
+            setattr(FLAGS, name, value)
+    for name in ('lr', 'backbone_lr') if FLAGS.protocol == 'finetune' else ('lr',):
+        if FLAGS[name].value <= 0:
+            raise app.UsageError(f'--{name}={FLAGS[name].value} must be positive')
+
+
+def is_semi_supervised():
+    """Runs that belong in the semi-supervised table (result_semi.json), not the probe's."""
+    return FLAGS.protocol == 'finetune' or bool(FLAGS.train_subset) or FLAGS.train_percent is not None
+
+
+def labelled_split(folder):
+    """The training images the classifier learns from: all of `folder`, those --train_subset
+    lists, or a --train_percent draw (the same on every rank: it depends on --seed alone)."""
+    if FLAGS.train_subset:
+        return load_subset(folder, FLAGS.train_subset)
+    if FLAGS.train_percent is None:
+        return folder
+    return LabelledSubset(folder, balanced_subset(folder, FLAGS.train_percent, FLAGS.seed))
+
+
+def subset_list_path():
+    """The list naming the labelled images: --train_subset, the one written for --train_percent, or None."""
+    if FLAGS.train_subset:
+        return os.path.abspath(FLAGS.train_subset)
+    if FLAGS.train_percent is not None:
+        return os.path.abspath(os.path.join(FLAGS.output_dir, 'train_subset.txt'))
+    return None
+
+
+def semi_record(train_folder, all_images):
+    """What the semi-supervised table reads from the result file besides the accuracies."""
+    return {'protocol': FLAGS.protocol, 'train_images': len(train_folder),
+            'labelled_percent': 100.0 * len(train_folder) / all_images, 'train_subset': subset_list_path()}
+
+
+def build_optimizer(probe):
+    """SGD over what the protocol trains. Each group's lr is its `lr_scale` times the classifier's,
+    so one cosine (`set_epoch_lr`) schedules both."""
+    groups = [{'params': list(probe.linear.parameters()), 'lr_scale': 1.0}]
+    if FLAGS.protocol == 'finetune':
+        groups.insert(0, {'params': list(probe.backbone.parameters()),
+                          'lr_scale': FLAGS.backbone_lr / FLAGS.lr})
+    return torch.optim.SGD(groups, FLAGS.lr, momentum=FLAGS.momentum, weight_decay=FLAGS.weight_decay)
+
+
+def set_epoch_lr(optimizer, epoch):
+    """Cosine per epoch: the classifier's lr from --lr to --min_lr, the backbone's in proportion."""
+    lr = cosine_lr(FLAGS.lr, epoch, FLAGS.epochs, FLAGS.min_lr)
+    for group in optimizer.param_groups:
+        group['lr'] = lr * group['lr_scale']
+    return lr
 
 
 def pretrained_source():
@@ -148,10 +238,21 @@ def knn_evaluation(backbone, train_folder, val_folder, device):
             'by_k': {str(k): value for k, value in by_k.items()}}
 
 
-def save(probe, optimizer, epoch, best_top1, digest, classes, name='checkpoint.pth'):
-    """The probe alone (the backbone is --pretrained's, identified by its digest)."""
-    state = {'arch': FLAGS.arch, 'epoch': epoch + 1, 'linear': probe.linear.state_dict(),
-             'optimizer': optimizer.state_dict(), 'best_top1': best_top1, 'classes': classes,
+def trained_weights_key():
+    """Where a checkpoint keeps what was trained: the Linear alone (linear) or the whole network."""
+    return 'linear' if FLAGS.protocol == 'linear' else 'model'
+
+
+def trained_module(probe):
+    return probe.linear if FLAGS.protocol == 'linear' else probe
+
+
+def save(probe, optimizer, epoch, best_top1, digest, train_folder, name='checkpoint.pth'):
+    """What was trained (the backbone it started from is --pretrained's, identified by its digest)."""
+    state = {'arch': FLAGS.arch, 'protocol': FLAGS.protocol, 'epoch': epoch + 1,
+             trained_weights_key(): trained_module(probe).state_dict(),
+             'optimizer': optimizer.state_dict(), 'best_top1': best_top1, 'classes': train_folder.classes,
+             'train_fingerprint': train_folder.fingerprint(),
              'pretrained': os.path.abspath(FLAGS.pretrained), 'backbone_digest': digest,
              'flags': FLAGS.flag_values_dict()}
     checkpoint.save_atomic(state, os.path.join(FLAGS.output_dir, name))
@@ -172,11 +273,17 @@ def saved_probe_path():
     return path
 
 
-def load_probe(path, probe, optimizer, digest, classes):
-    """Restore a saved probe after checking it was trained on this backbone and these classes."""
+def load_probe(path, probe, optimizer, digest, train_folder):
+    """Restore a saved probe after checking it was trained from this backbone, with this protocol,
+    on these classes (and, when training goes on, on these training images)."""
     state = checkpoint.load(path)
-    if not isinstance(state, dict) or 'linear' not in state:
-        raise app.UsageError(f'{path} is not a probe checkpoint of main_lincls.py (no "linear" key)')
+    key, classes = trained_weights_key(), train_folder.classes
+    if not isinstance(state, dict) or not ({'linear', 'model'} & set(state)):
+        raise app.UsageError(f'{path} is not a probe checkpoint of main_lincls.py '
+                             '(no "linear" or "model" key)')
+    if key not in state:
+        raise app.UsageError(f'{path} was trained with --protocol={state.get("protocol", "linear")}, '
+                             f'not --protocol={FLAGS.protocol}')
     if state.get('arch') != FLAGS.arch or state.get('classes') != classes:
         raise app.UsageError(f'probe checkpoint {path} is a probe of a {state.get("arch")} over '
                              f'{len(state.get("classes") or [])} classes, not --arch={FLAGS.arch} over '
@@ -186,7 +293,11 @@ def load_probe(path, probe, optimizer, digest, classes):
         raise app.UsageError(f'--pretrained={FLAGS.pretrained} is not the backbone the probe {path} was '
                              f'trained on ({state["pretrained"]}): {len(changed)} tensors differ, '
                              f'e.g. {", ".join(changed[:3])}')
-    probe.linear.load_state_dict(state['linear'])
+    fingerprint = train_folder.fingerprint()
+    if not FLAGS.evaluate and state.get('train_fingerprint', fingerprint) != fingerprint:
+        raise app.UsageError(f'{path} was trained on other training images than the {len(train_folder)} of '
+                             f'{train_folder.root} chosen now (--train_subset / --train_percent / --seed)')
+    trained_module(probe).load_state_dict(state[key])
     optimizer.load_state_dict(state['optimizer'])
     print(f'loaded probe {path} (epoch {state["epoch"]})', flush=True)
     return state['epoch'], state['best_top1']
@@ -196,44 +307,46 @@ def main(argv):
     del argv
     info = dist.init_distributed(FLAGS.device)
     check_flags(info.world_size)
-    torch.manual_seed(FLAGS.seed)  # the same initial probe on every rank
-    # kNN compares centre crops of both splits; the probe trains on random crops.
+    torch.manual_seed(FLAGS.seed)  # the same initial classifier on every rank
+    # kNN compares centre crops of both splits; training uses random crops.
     train_transform = (eval_transform if FLAGS.eval == 'knn' else linear_train_transform)(FLAGS.image_size)
-    train_folder = ImageFolder(os.path.join(FLAGS.data_dir, 'train'), train_transform)
+    all_train = ImageFolder(os.path.join(FLAGS.data_dir, 'train'), train_transform)
     val_folder = ImageFolder(os.path.join(FLAGS.data_dir, 'val'), eval_transform(FLAGS.image_size))
-    check_same_classes(train_folder, val_folder)
+    check_same_classes(all_train, val_folder)
     if FLAGS.pretrained == 'random':
-        backbone = build_backbone(FLAGS.arch)  # initialised from --seed, like the probe
+        backbone = build_backbone(FLAGS.arch)  # initialised from --seed, like the classifier
     else:
         backbone = load_backbone(FLAGS.arch, FLAGS.pretrained, FLAGS.pretrained_format)
     if FLAGS.eval == 'knn':
-        finish(knn_evaluation(backbone, train_folder, val_folder, info.device), 'result_knn.json')
+        finish(knn_evaluation(backbone, all_train, val_folder, info.device), 'result_knn.json')
         dist.cleanup()
         return
 
-    probe = LinearProbe(backbone, len(train_folder.classes))
+    train_folder = labelled_split(all_train)
+    probe = (FineTuned if FLAGS.protocol == 'finetune' else LinearProbe)(backbone, len(train_folder.classes))
     digest = probe.backbone_digest()  # of the weights as loaded
     probe.to(info.device)
-    optimizer = torch.optim.SGD(probe.linear.parameters(), FLAGS.lr, momentum=FLAGS.momentum,
-                                weight_decay=FLAGS.weight_decay)
+    optimizer = build_optimizer(probe)
     start_epoch, best_top1 = 0, 0.0
     path = saved_probe_path()
     if path:
-        start_epoch, best_top1 = load_probe(path, probe, optimizer, digest, train_folder.classes)
+        start_epoch, best_top1 = load_probe(path, probe, optimizer, digest, train_folder)
     per_rank_batch = FLAGS.batch_size // info.world_size
     val_loader, val_sampler = make_loader(val_folder, per_rank_batch, FLAGS.workers, train=False)
+    semi = semi_record(train_folder, len(all_train)) if is_semi_supervised() else {}
     if FLAGS.evaluate:
         result = validate(probe, val_loader, list(val_sampler), info.device, {'validate': path})
-        finish({**result, 'best_top1': best_top1, 'epochs': start_epoch}, None)
+        finish({**result, 'best_top1': best_top1, 'epochs': start_epoch, **semi}, None)
         dist.cleanup()
         return
 
-    # DDP wraps the Linear alone: the frozen backbone has no gradients to reduce, and wrapping it
-    # would broadcast its BatchNorm buffers from rank 0 before every forward pass for nothing.
-    train_linear = probe.linear
+    # linear: DDP wraps the Linear alone: the frozen backbone has no gradients to reduce, and wrapping
+    # it would broadcast its BatchNorm buffers from rank 0 before every forward pass for nothing.
+    # finetune: DDP wraps the whole network, whose gradients all need reducing.
+    trained = trained_module(probe)
     if info.world_size > 1:
-        train_linear = torch.nn.parallel.DistributedDataParallel(
-            probe.linear, device_ids=[info.local_rank] if info.device.type == 'cuda' else None)
+        trained = torch.nn.parallel.DistributedDataParallel(
+            trained, device_ids=[info.local_rank] if info.device.type == 'cuda' else None)
     train_loader, train_sampler = make_loader(train_folder, per_rank_batch, FLAGS.workers, train=True,
                                               seed=FLAGS.seed)
     if len(train_loader) == 0:
@@ -242,20 +355,23 @@ def main(argv):
     metrics = JsonlWriter(os.path.join(FLAGS.output_dir, 'metrics.jsonl'))
     if dist.is_main():
         os.makedirs(FLAGS.output_dir, exist_ok=True)
-        print(f'linear probe: {FLAGS.arch} from {FLAGS.pretrained}, {len(train_folder)} train / '
-              f'{len(val_folder)} val images of {len(train_folder.classes)} classes, {len(train_loader)} '
-              f'steps/epoch of {FLAGS.batch_size} on {info.world_size} x {info.device.type}', flush=True)
+        if FLAGS.train_percent is not None:  # written once a resumed run is known to match it
+            write_subset_list(subset_list_path(), train_folder)
+        labelled = f' ({semi["labelled_percent"]:.3g} % of {len(all_train)})' if semi else ''
+        print(f'{FLAGS.protocol}: {FLAGS.arch} from {FLAGS.pretrained}, {len(train_folder)} train'
+              f'{labelled} / {len(val_folder)} val images of {len(train_folder.classes)} classes, '
+              f'{len(train_loader)} steps/epoch of {FLAGS.batch_size} on {info.world_size} x '
+              f'{info.device.type}', flush=True)
     progress = Progress(len(train_loader) * (FLAGS.epochs - start_epoch), FLAGS.report_freq, metrics)
     result = None
     for epoch in range(start_epoch, FLAGS.epochs):
         seed_epoch(FLAGS.seed, epoch, info.rank, train_sampler)
-        lr = cosine_lr(FLAGS.lr, epoch, FLAGS.epochs, FLAGS.min_lr)
-        set_lr(optimizer, lr)
-        probe.train()  # the backbone stays in eval mode
+        lr = set_epoch_lr(optimizer, epoch)
+        probe.train()  # linear: the backbone stays in eval mode
         for step, (images, targets) in enumerate(train_loader):
             images = images.to(info.device, non_blocking=True)
             targets = targets.to(info.device, non_blocking=True)
-            logits = train_linear(probe.features(images))
+            logits = trained(images) if FLAGS.protocol == 'finetune' else trained(probe.features(images))
             loss = F.cross_entropy(logits, targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -263,7 +379,7 @@ def main(argv):
             acc1 = (logits.detach().argmax(dim=1) == targets).float().mean() * 100
             progress.update({'epoch': epoch}, step, len(train_loader), FLAGS.batch_size,
                             loss=loss, acc1=acc1, lr=lr)
-        if epoch == start_epoch:
+        if epoch == start_epoch and FLAGS.protocol == 'linear':
             changed = [name for name, value in probe.backbone_digest().items() if digest[name] != value]
             if changed:
                 raise RuntimeError(f'{len(changed)} tensors of the frozen backbone changed during epoch '
@@ -275,14 +391,14 @@ def main(argv):
         if dist.is_main():
             print(f'epoch {epoch}: val top1 {result["top1"]:.2f} top5 {result["top5"]:.2f} '
                   f'loss {result["loss"]:.4f} (best top1 {best_top1:.2f})', flush=True)
-            save(probe, optimizer, epoch, best_top1, digest, train_folder.classes)
+            save(probe, optimizer, epoch, best_top1, digest, train_folder)
             if best_top1 == result['top1']:
-                save(probe, optimizer, epoch, best_top1, digest, train_folder.classes, 'checkpoint_best.pth')
+                save(probe, optimizer, epoch, best_top1, digest, train_folder, 'checkpoint_best.pth')
         dist.barrier()
     if result is None:  # resumed from a finished run
         result = validate(probe, val_loader, list(val_sampler), info.device, {'validate': 'val'})
-    finish({'top1': result['top1'], 'top5': result['top5'], 'best_top1': best_top1, 'epochs': FLAGS.epochs},
-           'result_linear.json')
+    finish({'top1': result['top1'], 'top5': result['top5'], 'best_top1': best_top1, 'epochs': FLAGS.epochs,
+            **semi}, 'result_semi.json' if semi else 'result_linear.json')
     dist.cleanup()
 
 

@@ -41,3 +41,19 @@ class LinearProbe(nn.Module):
         return {name: hashlib.sha256(tensor.detach().cpu().contiguous().reshape(-1)
                                      .view(torch.uint8).numpy()).hexdigest()
                 for name, tensor in self.backbone.state_dict().items()}
+
+
+class FineTuned(LinearProbe):
+    """Backbone -> Linear(d, classes) trained together: the probe's classifier and initialisation,
+    with the backbone's gradients on and its BatchNorm in train mode (batch statistics, running
+    statistics updated), as fine-tuning on few labels is done."""
+
+    def __init__(self, backbone, num_classes):
+        super().__init__(backbone, num_classes)
+        self.backbone.requires_grad_(True)
+
+    def train(self, mode=True):
+        return nn.Module.train(self, mode)  # LinearProbe.train would pin the backbone to eval
+
+    def features(self, images):  # (B, 3, H, W) -> (B, d), with autograd
+        return self.backbone(images)

@@ -1,10 +1,12 @@
-"""Markdown table of every finished linear-probe and kNN evaluation, beside the paper's numbers.
+"""Markdown tables of every finished linear-probe, kNN and semi-supervised run, beside the paper.
 
     python tools/collect_results.py runs/
 
-Finds the result_linear.json and result_knn.json files main_lincls.py writes at the end of a
-run, anywhere below the given folders. Results of the same --pretrained checkpoint share a
-row; where one checkpoint was evaluated more than once, the newest file wins.
+Finds the result_linear.json, result_knn.json and result_semi.json files main_lincls.py writes
+at the end of a run, anywhere below the given folders. Linear and kNN results of the same
+--pretrained checkpoint share a row of the first table; semi-supervised results (a labelled
+subset, or fine-tuning) get a row per checkpoint, protocol and share of labels in a second one.
+Where the same thing was evaluated more than once, the newest file wins.
 """
 import argparse
 import json
@@ -12,6 +14,7 @@ import os
 import re
 
 RESULT_FILES = {'linear': 'result_linear.json', 'knn': 'result_knn.json'}
+SEMI_FILE = 'result_semi.json'
 
 # SPEC.md: ImageNet-1k linear top-1 / top-5 (%) after 200 distillation epochs; None = not reported.
 PAPER = {
@@ -28,9 +31,17 @@ PAPER = {
     ('SwAV R-50w2', 'efficientnet_b0'): (69.3, None),
     ('SwAV R-50w2', 'mobilenet_v3_large'): (67.1, None),
 }
+# SPEC.md: ResNet-18 fine-tuned on 1 % / 10 % of the ImageNet labels (SimCLR's subsets), top-1 (%).
+PAPER_SEMI = {
+    ('MoCo v2 R-50 200 ep', 'resnet18'): {1: 42.8, 10: 57.5},
+    ('R-152', 'resnet18'): {1: 50.3, 10: 61.2},
+    ('SwAV R-50w2', 'resnet18'): {1: 48.2, 10: 60.2},
+}
 TEACHER_ORDER = list(dict.fromkeys(teacher for teacher, _ in PAPER))
 COLUMNS = ('run', 'teacher', 'student', 'distill epochs', 'linear epochs', 'linear top-1',
            'linear top-5', 'kNN top-1', 'paper top-1 / top-5')
+SEMI_COLUMNS = ('run', 'teacher', 'student', 'protocol', 'labels', 'train images', 'epochs', 'top-1',
+                'top-5', 'paper top-1 (fine-tuned)')
 
 
 class ResultError(ValueError):
@@ -58,13 +69,13 @@ def teacher_label(result):
     return f'{arch} ({name})'
 
 
-def read_result(path):
+def read_result(path, required=('top1', 'top5', 'arch', 'pretrained')):
     try:
         with open(path) as f:
             result = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ResultError(f'cannot read result file {path}: {e}') from e
-    missing = [key for key in ('top1', 'top5', 'arch', 'pretrained') if key not in result]
+    missing = [key for key in required if key not in result]
     if missing:
         raise ResultError(f'result file {path} lacks {", ".join(missing)}; was it written by main_lincls.py?')
     return result
@@ -86,6 +97,34 @@ def collect(roots):
                     runs[kind] = (mtime, result)
     return {pretrained: {kind: result for kind, (_, result) in runs.items()}
             for pretrained, runs in found.items()}
+
+
+def collect_semi(roots):
+    """{(pretrained, protocol, labels): result}, the newest result_semi.json of each."""
+    found = {}
+    for root in roots:
+        for folder, _, files in os.walk(root):
+            if SEMI_FILE not in files:
+                continue
+            path = os.path.join(folder, SEMI_FILE)
+            result = read_result(path, ('top1', 'top5', 'arch', 'pretrained', 'protocol', 'labelled_percent'))
+            key = (result['pretrained'], result['protocol'], labels_text(result['labelled_percent']))
+            mtime = os.path.getmtime(path)
+            if key not in found or mtime > found[key][0]:
+                found[key] = (mtime, result)
+    return {key: result for key, (_, result) in found.items()}
+
+
+def labels_text(percent):
+    """'1 %' for SimCLR's 1 % list (12 811 of 1 281 167 images: 0.99996 %), '1.01 %' for 13 per class."""
+    return f'{percent:.3g} %'
+
+
+def paper_semi(teacher, student, percent):
+    """SPEC's fine-tuned top-1 for the nearer of 1 % and 10 % labels, if within 10 % of it."""
+    paper = PAPER_SEMI.get((teacher, student), {})
+    share = min(paper, key=lambda p: abs(percent - p), default=None)
+    return paper[share] if share is not None and abs(percent - share) <= 0.1 * share else None
 
 
 def _number(value, digits=1):
@@ -119,8 +158,22 @@ def table_rows(runs, roots):
     return [row for _, row in sorted(rows)]
 
 
-def markdown(rows):
-    lines = ['| ' + ' | '.join(COLUMNS) + ' |', '|' + '---|' * len(COLUMNS)]
+def semi_rows(results, roots):
+    """One row of SEMI_COLUMNS per (checkpoint, protocol, labels), in SPEC's teacher order, fewer
+    labels first, fine-tuning before the linear protocol."""
+    rows = []
+    for (pretrained, protocol, labels), result in results.items():
+        teacher, student = teacher_label(result), result['arch']
+        order = TEACHER_ORDER.index(teacher) if teacher in TEACHER_ORDER else len(TEACHER_ORDER)
+        rows.append(((order, student, pretrained, result['labelled_percent'], protocol != 'finetune'), [
+            _shown_path(pretrained, roots), teacher, student, protocol, labels,
+            str(result.get('train_images', '-')), str(result.get('epochs', '-')), _number(result['top1']),
+            _number(result['top5']), _number(paper_semi(teacher, student, result['labelled_percent']))]))
+    return [row for _, row in sorted(rows)]
+
+
+def markdown(rows, columns=COLUMNS):
+    lines = ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
     lines += ['| ' + ' | '.join(row) + ' |' for row in rows]
     return '\n'.join(lines)
 
@@ -132,10 +185,17 @@ def main(argv=None):
     for root in args.roots:
         if not os.path.isdir(root):
             raise SystemExit(f'{root} is not a folder')
-    runs = collect(args.roots)
-    if not runs:
-        raise SystemExit(f'no {" or ".join(RESULT_FILES.values())} below {", ".join(args.roots)}')
-    print(markdown(table_rows(runs, args.roots)))
+    runs, semi = collect(args.roots), collect_semi(args.roots)
+    if not runs and not semi:
+        names = ' or '.join((*RESULT_FILES.values(), SEMI_FILE))
+        raise SystemExit(f'no {names} below {", ".join(args.roots)}')
+    tables = []
+    if runs:
+        tables.append(markdown(table_rows(runs, args.roots)))
+    if semi:
+        tables.append('Semi-supervised: trained on a share of the training labels\n\n'
+                      + markdown(semi_rows(semi, args.roots), SEMI_COLUMNS))
+    print('\n\n'.join(tables))
 
 
 if __name__ == '__main__':

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from data.folder import ImageFolder
+from data.transforms import eval_transform
 from data.subsets import (LabelledSubset, SubsetError, balanced_subset, load_subset, read_subset_list,
                           write_subset_list)
 from models import build_backbone
@@ -118,7 +119,7 @@ def test_balanced_draw_rejects_a_class_too_small(data_dir, tmp_path):
 
 
 def test_finetuning_updates_the_backbone_and_the_linear_protocol_does_not(data_dir):
-    folder = ImageFolder(data_dir / 'train', main_lincls.eval_transform(32))
+    folder = ImageFolder(data_dir / 'train', eval_transform(32))
     images = torch.stack([folder[i][0] for i in (0, 9, 17)])
     targets = torch.tensor([0, 1, 2])
     for model_class, trains_backbone in ((FineTuned, True), (LinearProbe, False)):

@@ -5,6 +5,9 @@
         --teacher=moco_v2_800ep.pth.tar --teacher_arch=resnet50 --arch=resnet18 --output_dir=runs/r18
 
 Defaults are the authors' released recipe (SPEC.md, stage 2); `--batch_size` is global.
+
+Fast mode (the same loss; see BENCHMARKS.md): `--precision=bf16 --channels_last --fast_views
+--cudnn_benchmark`, optionally `--compile`.
 """
 import os
 import time
@@ -14,11 +17,12 @@ from absl import app, flags
 
 from data.bags import BagDataset, TwoViewDataset
 from data.folder import ImageFolder
+from data.jpeg_bags import EncodedBagDataset, EncodedTwoViewDataset, gpu_views
 from data.neighbours import load_neighbours
 from data.transforms import moco_v2_augmentation
 from models import ARCHS, build_student, load_teacher
 from models.checkpoints import FORMATS
-from models.distill import BingoDistiller, MoCo
+from models.distill import build_training_module, student_optimizer, train_step
 from utils import checkpoint, dist
 from utils.logging import JsonlWriter, Progress
 from utils.schedule import cosine_lr, set_lr
@@ -50,8 +54,16 @@ flags.DEFINE_integer('warmup_epochs', 11,
 flags.DEFINE_float('moco_momentum', 0.999, 'Momentum of the MoCo key encoder (--method=moco).')
 flags.DEFINE_integer('image_size', 224, 'Crop size of the augmented views.')
 flags.DEFINE_integer('workers', 8, 'DataLoader workers per process.')
+flags.DEFINE_enum('data_pipeline', 'cpu', ['cpu', 'gpu'],
+                  'cpu: PIL decoding and augmentation in the DataLoader workers (released); gpu: the workers '
+                  'only read file bytes, decoding (nvJPEG) and the views run batched on --device.')
 flags.DEFINE_enum('precision', 'fp32', ['fp32', 'bf16'], 'fp32 is the released arithmetic; bf16 autocast.')
 flags.DEFINE_bool('channels_last', False, 'Channels-last memory format for the networks.')
+flags.DEFINE_bool('fast_views', False, 'bingo: the student\'s three views in one pass and the teacher\'s '
+                  'two keys in another, BatchNorm statistics still per view (the same loss).')
+flags.DEFINE_bool('compile', False, 'torch.compile the student\'s and teacher\'s forward (compiling '
+                  'takes a minute or more at the start).')
+flags.DEFINE_bool('cudnn_benchmark', False, 'Let cuDNN time its convolution algorithms on the first steps.')
 flags.DEFINE_integer('seed', 0, 'Seed; each epoch reseeds from (seed, epoch, rank).')
 flags.DEFINE_integer('save_freq', 10, 'Keep checkpoint_<epoch>.pth every this many epochs.')
 flags.DEFINE_integer('report_freq', 10, 'Print and log progress every this many steps.')
@@ -68,6 +80,8 @@ def check_flags(world_size):
                              f'--batch_size={FLAGS.batch_size}')
     if FLAGS.method == 'bingo' and not (FLAGS.teacher and FLAGS.neighbours):
         raise app.UsageError('--method=bingo needs --teacher and --neighbours')
+    if FLAGS.method == 'moco' and FLAGS.fast_views:
+        raise app.UsageError('--fast_views applies to --method=bingo (MoCo has a single student pass)')
 
 
 def build_model(folder):
@@ -75,12 +89,19 @@ def build_model(folder):
     student = build_student(FLAGS.arch)
     augmentation = moco_v2_augmentation(FLAGS.image_size)
     options = dict(queue_size=FLAGS.queue_size, temperature=FLAGS.temperature,
-                   precision=FLAGS.precision, channels_last=FLAGS.channels_last)
+                   precision=FLAGS.precision, channels_last=FLAGS.channels_last,
+                   fast_views=FLAGS.fast_views, compile_backend='inductor' if FLAGS.compile else None)
     if FLAGS.method == 'moco':
-        return MoCo(student, momentum=FLAGS.moco_momentum, **options), TwoViewDataset(folder, augmentation)
+        model = build_training_module('moco', student, moco_momentum=FLAGS.moco_momentum, **options)
+        if FLAGS.data_pipeline == 'gpu':
+            return model, EncodedTwoViewDataset(folder)
+        return model, TwoViewDataset(folder, augmentation)
     neighbours = load_neighbours(FLAGS.neighbours, len(folder), folder.fingerprint())
     teacher = load_teacher(FLAGS.teacher_arch, FLAGS.teacher, FLAGS.teacher_format)
-    model = BingoDistiller(student, teacher, bag_loss=FLAGS.bag_loss, teacher_bn=FLAGS.teacher_bn, **options)
+    model = build_training_module('bingo', student, teacher, bag_loss=FLAGS.bag_loss,
+                                  teacher_bn=FLAGS.teacher_bn, **options)
+    if FLAGS.data_pipeline == 'gpu':
+        return model, EncodedBagDataset(folder, neighbours)
     return model, BagDataset(folder, neighbours, augmentation)
 
 
@@ -126,11 +147,11 @@ def main(argv):
     info = dist.init_distributed(FLAGS.device)
     check_flags(info.world_size)
     torch.manual_seed(FLAGS.seed)  # same initial student and queue on every rank
+    torch.backends.cudnn.benchmark = FLAGS.cudnn_benchmark
     folder = ImageFolder(os.path.join(FLAGS.data_dir, 'train'))
     model, dataset = build_model(folder)
     model.to(info.device)
-    optimizer = torch.optim.SGD(model.student.parameters(), FLAGS.lr, momentum=FLAGS.momentum,
-                                weight_decay=FLAGS.weight_decay)
+    optimizer = student_optimizer(model, FLAGS.lr, FLAGS.momentum, FLAGS.weight_decay)
     start_epoch = resume(model, optimizer)
     train_model = model
     if info.world_size > 1:
@@ -152,15 +173,13 @@ def main(argv):
         set_lr(optimizer, lr)
         epoch_lam = (1.0, 0.0) if epoch < FLAGS.warmup_epochs else lam
         model.train()
-        for step, views in enumerate(loader):
-            views = [v.to(info.device, non_blocking=True) for v in views[:n_views]]  # drop the indices
-            if FLAGS.method == 'bingo':
-                loss, (acc1, acc5) = train_model(*views, lam=epoch_lam)
+        for step, batch in enumerate(loader):
+            if FLAGS.data_pipeline == 'gpu':  # decode and augment the whole batch on the device
+                views = gpu_views(batch, info.device, FLAGS.image_size)
             else:
-                loss, (acc1, acc5) = train_model(*views)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+                views = [v.to(info.device, non_blocking=True) for v in batch[:n_views]]  # drop the indices
+            step_options = {'lam': epoch_lam} if FLAGS.method == 'bingo' else {}
+            loss, (acc1, acc5) = train_step(train_model, optimizer, views, **step_options)
             shown = progress.update({'epoch': epoch}, step, len(loader), FLAGS.batch_size,
                                     loss=loss, acc1=acc1, acc5=acc5, lr=lr)
             if shown and not torch.isfinite(torch.tensor(shown['loss'])):

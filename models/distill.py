@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data.cutmix import cutmix
+from models.fast import batch_norm_views, per_view_batch_norm
 from models.loss import bingo_loss, bingo_paper_loss, contrast_accuracy, moco_loss
 from utils import dist
 
@@ -38,14 +39,6 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
-@torch.no_grad()
-def embed_shuffled(teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Teacher embedding with shuffle BN: the batch is permuted across the node's GPUs so that
-    train-mode BatchNorm statistics mix samples of several GPUs, then put back in order."""
-    shuffled, perm = dist.shuffle_across_node(x)
-    return dist.unshuffle(teacher(shuffled), perm)
-
-
 class _Contrastive(nn.Module):
     def __init__(self, student, teacher, queue_size, temperature, teacher_bn, precision, channels_last):
         super().__init__()
@@ -55,6 +48,8 @@ class _Contrastive(nn.Module):
         self.teacher_bn = teacher_bn
         self.autocast_dtype = torch.bfloat16 if precision == 'bf16' else None
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last:  # weights too, or every convolution converts them on each call
+            self.to(memory_format=torch.channels_last)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -69,41 +64,95 @@ class _Contrastive(nn.Module):
                             enabled=self.autocast_dtype is not None):
             return network(x).float()
 
-    def _teacher(self, x):
+    def _run_views(self, network, *views):
+        """One pass over the views concatenated (V*B, ...), BatchNorm statistics per view
+        (models/fast.py); returns the V embeddings (B, D) in order."""
+        with batch_norm_views(network, len(views)):
+            return self._run(network, torch.cat(views)).chunk(len(views))
+
+    @torch.no_grad()
+    def _shuffle(self, x):
+        """Shuffle BN for the train-mode teacher: the batch is permuted across the node's GPUs so
+        that its BatchNorm statistics mix samples of several GPUs. Returns (input, permutation)."""
         if self.teacher_bn == 'train':
-            return embed_shuffled(lambda v: self._run(self.teacher, v), x)
-        with torch.no_grad():
-            return self._run(self.teacher, x)
+            return dist.shuffle_across_node(x)
+        return x, None
+
+    @torch.no_grad()
+    def _unshuffle(self, y, perm):
+        return y if perm is None else dist.unshuffle(y, perm)
+
+    @torch.no_grad()
+    def _teacher(self, x):
+        x, perm = self._shuffle(x)
+        return self._unshuffle(self._run(self.teacher, x), perm)
 
 
 class BingoDistiller(_Contrastive):
-    """BINGO: every view of a bag is pulled to the frozen teacher's keys of the bag (SPEC steps 1-6)."""
+    """BINGO: every view of a bag is pulled to the frozen teacher's keys of the bag (SPEC steps 1-6).
+
+    fast_views: the student's views go through one pass and the teacher's keys through another,
+    with BatchNorm statistics per view (models/fast.py): the same loss as the released separate
+    passes, with fewer and larger kernels.
+    """
 
     def __init__(self, student, teacher, queue_size=65536, temperature=0.2, bag_loss='released',
-                 teacher_bn='train', precision='fp32', channels_last=False, cutmix_alpha=2.0):
+                 teacher_bn='train', precision='fp32', channels_last=False, cutmix_alpha=2.0,
+                 fast_views=False):
         super().__init__(student, teacher, queue_size, temperature, teacher_bn, precision, channels_last)
         self.bag_loss = bag_loss
         self.cutmix_alpha = cutmix_alpha
+        self.fast_views = fast_views
+        if fast_views:
+            per_view_batch_norm(self.student)
+            per_view_batch_norm(self.teacher)
 
     def forward(self, anchor, anchor_key, neighbour, neighbour_key, lam=(0.5, 0.5)):
         """anchor/anchor_key: two views of image i; neighbour/neighbour_key: two views of its bag
         neighbour j; all (B,3,H,W). Returns (loss, [acc@1, acc@5])."""
         queue = self.queue.keys.clone()  # the loss keeps it for backward; push() rewrites the buffer
-        # Separate passes, as released: BatchNorm statistics are per view.
-        s_anchor = self._run(self.student, anchor)
-        s_neighbour = self._run(self.student, neighbour)
-        t_anchor = self._teacher(anchor_key)
         if self.bag_loss == 'paper':
+            s_anchor, s_neighbour, t_anchor = self._embed_paper(anchor, anchor_key, neighbour)
             loss = bingo_paper_loss(s_anchor, s_neighbour, t_anchor, queue, self.temperature)
         else:
-            mix, mix_lambda = cutmix(anchor, neighbour, self.cutmix_alpha)
-            s_mix = self._run(self.student, mix)
-            t_neighbour = self._teacher(neighbour_key)
+            s_anchor, s_neighbour, s_mix, t_anchor, t_neighbour, mix_lambda = self._embed(
+                anchor, anchor_key, neighbour, neighbour_key)
             loss = bingo_loss(s_anchor, s_neighbour, s_mix, t_anchor, t_neighbour, queue, mix_lambda,
                               lam, self.temperature)
         accuracy = contrast_accuracy(s_anchor, t_anchor, queue)
         self.queue.push(dist.all_gather_cat(t_anchor))
         return loss, accuracy
+
+    def _embed(self, anchor, anchor_key, neighbour, neighbour_key):
+        """SPEC steps 1-3: student embeddings of the anchor, neighbour and CutMix views, teacher keys
+        of the anchor and the neighbour, and CutMix's lambda."""
+        if not self.fast_views:  # as released: five separate passes, BatchNorm statistics per view
+            s_anchor = self._run(self.student, anchor)
+            s_neighbour = self._run(self.student, neighbour)
+            t_anchor = self._teacher(anchor_key)
+            mix, mix_lambda = cutmix(anchor, neighbour, self.cutmix_alpha)
+            s_mix = self._run(self.student, mix)
+            t_neighbour = self._teacher(neighbour_key)
+            return s_anchor, s_neighbour, s_mix, t_anchor, t_neighbour, mix_lambda
+        # The random draws keep the released order (shuffle, CutMix box, shuffle), so both paths
+        # see the same permutations and box for the same seed.
+        anchor_key, anchor_perm = self._shuffle(anchor_key)
+        mix, mix_lambda = cutmix(anchor, neighbour, self.cutmix_alpha)
+        neighbour_key, neighbour_perm = self._shuffle(neighbour_key)
+        s_anchor, s_neighbour, s_mix = self._run_views(self.student, anchor, neighbour, mix)
+        with torch.no_grad():
+            t_anchor, t_neighbour = self._run_views(self.teacher, anchor_key, neighbour_key)
+        return (s_anchor, s_neighbour, s_mix, self._unshuffle(t_anchor, anchor_perm),
+                self._unshuffle(t_neighbour, neighbour_perm), mix_lambda)
+
+    def _embed_paper(self, anchor, anchor_key, neighbour):
+        """The paper's loss needs the student's anchor and neighbour views and the teacher's anchor key."""
+        if self.fast_views:
+            s_anchor, s_neighbour = self._run_views(self.student, anchor, neighbour)
+        else:
+            s_anchor = self._run(self.student, anchor)
+            s_neighbour = self._run(self.student, neighbour)
+        return s_anchor, s_neighbour, self._teacher(anchor_key)
 
 
 class MoCo(_Contrastive):
@@ -130,3 +179,43 @@ class MoCo(_Contrastive):
         accuracy = contrast_accuracy(s_query, t_key, queue)
         self.queue.push(dist.all_gather_cat(t_key))
         return loss, accuracy
+
+
+def build_training_module(method, student, teacher=None, *, queue_size=65536, temperature=0.2,
+                          bag_loss='released', teacher_bn='train', precision='fp32',
+                          channels_last=False, fast_views=False, compile_backend=None,
+                          moco_momentum=0.999):
+    """main_distill's training module, BINGO or MoCo v2 (`method`), with its speed options; the step
+    benchmark builds it here too, so it times the trainer's own code.
+
+    compile_backend: torch.compile backend of the student's and teacher's forward ('inductor' for
+    --compile), static shapes; None runs them eagerly. State-dict names are unchanged.
+    """
+    options = dict(queue_size=queue_size, temperature=temperature, precision=precision,
+                   channels_last=channels_last)
+    if method == 'moco':
+        if fast_views:
+            raise ValueError('fast_views applies to method=bingo: MoCo has a single student pass')
+        model = MoCo(student, momentum=moco_momentum, **options)
+    else:
+        model = BingoDistiller(student, teacher, bag_loss=bag_loss, teacher_bn=teacher_bn,
+                               fast_views=fast_views, **options)
+    if compile_backend:
+        model.student.compile(backend=compile_backend, dynamic=False)
+        model.teacher.compile(backend=compile_backend, dynamic=False)
+    return model
+
+
+def student_optimizer(model, lr, momentum=0.9, weight_decay=1e-4):
+    """SGD over the student's parameters (the teacher is frozen or follows by momentum)."""
+    return torch.optim.SGD(model.student.parameters(), lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def train_step(train_model, optimizer, views, **kwargs):
+    """One step of main_distill's loop: loss (and queue push), backward, SGD step. Returns the loss
+    and [acc@1, acc@5] as device tensors; nothing is read back, so the host never waits."""
+    loss, accuracy = train_model(*views, **kwargs)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss, accuracy

@@ -11,7 +11,6 @@ import hashlib
 import os
 import time
 
-import numpy as np
 import torch
 from absl import app, flags
 

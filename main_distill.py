@@ -10,7 +10,6 @@ Fast mode (the same loss; see BENCHMARKS.md): `--precision=bf16 --channels_last 
 --cudnn_benchmark`, optionally `--compile`.
 """
 import os
-import time
 
 import torch
 from absl import app, flags

@@ -3,7 +3,6 @@
 Every embedding is L2-normalised, (B, D); `queue` is (K, D), one teacher key per row.
 """
 import torch
-import torch.nn.functional as F
 
 
 def _contrast_ce(student: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,

@@ -30,8 +30,8 @@ QUEUE=${QUEUE:-4096}
 SIZE=${SIZE:-32}
 WORKERS=${WORKERS:-2}
 DEVICE=${DEVICE:-auto}
-COMMON=(--image_size="$SIZE" --workers="$WORKERS" --device="$DEVICE" --seed="$SEED")
-TRAIN=(--batch_size="$BATCH" --queue_size="$QUEUE" --save_freq=1000 --report_freq=20 "${COMMON[@]}")
+COMMON=(--image_size="$SIZE" --workers="$WORKERS" --device="$DEVICE")
+TRAIN=(--batch_size="$BATCH" --queue_size="$QUEUE" --save_freq=1000 --report_freq=20 --seed="$SEED" "${COMMON[@]}")
 start=$SECONDS
 
 $PY -m data.fashion_mnist --out_dir="$DATA" --train_per_class="$TRAIN_PER_CLASS" --val_per_class="$VAL_PER_CLASS"
@@ -56,9 +56,9 @@ $PY main_distill.py --method=moco --arch="$STUDENT_ARCH" --data_dir="$DATA" --ou
 echo "== 5/5 evaluation: linear probe ($PROBE_EPOCHS epochs) and kNN (k=20)"
 evaluate() {  # name arch pretrained
   $PY main_lincls.py --eval=knn --arch="$2" --pretrained="$3" --data_dir="$DATA" \
-    --output_dir="$RUN/eval/$1/knn" --batch_size=256 --report_freq=1000 "${COMMON[@]}"
+    --output_dir="$RUN/eval/$1/knn" --batch_size=256 --report_freq=1000 --seed="$SEED" "${COMMON[@]}"
   $PY main_lincls.py --arch="$2" --pretrained="$3" --data_dir="$DATA" --output_dir="$RUN/eval/$1/linear" \
-    --epochs="$PROBE_EPOCHS" --batch_size=256 --report_freq=1000 "${COMMON[@]}"
+    --epochs="$PROBE_EPOCHS" --batch_size=256 --report_freq=1000 --seed="$SEED" "${COMMON[@]}"
 }
 evaluate teacher "$TEACHER_ARCH" "$RUN/teacher/checkpoint.pth"
 evaluate bingo "$STUDENT_ARCH" "$RUN/bingo/checkpoint.pth"

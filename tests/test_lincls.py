@@ -45,6 +45,13 @@ for argv in json.loads(sys.argv[1]):
 '''
 
 
+def run_main_lincls(cases):
+    """{case: argv} -> {case: outcome}, all in one Python process through MAIN_DRIVER."""
+    result = run([sys.executable, '-c', MAIN_DRIVER], [json.dumps(list(cases.values()))])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return dict(zip(cases, (json.loads(line) for line in result.stdout.splitlines())))
+
+
 def run(command, args):
     return subprocess.run(command + args, cwd=REPO, env=torchrun_env(), capture_output=True, text=True,
                           timeout=300)
@@ -128,9 +135,7 @@ def outcomes(data_dir, moco_run, scratch):
         'probe of another backbone': [data, f'--pretrained={other_backbone}', '--evaluate',
                                       f'--output_dir={moco_run / "lincls"}'],
     }
-    result = run([sys.executable, '-c', MAIN_DRIVER], [json.dumps([TINY + a for a in cases.values()])])
-    assert result.returncode == 0, result.stderr[-3000:]
-    return dict(zip(cases, (json.loads(line) for line in result.stdout.splitlines())))
+    return run_main_lincls({case: TINY + args for case, args in cases.items()})
 
 
 def result_of(outcomes, case):

@@ -6,7 +6,6 @@ import re
 import shutil
 import stat
 import subprocess
-import sys
 from collections import Counter
 
 import pytest
@@ -21,7 +20,7 @@ from models import build_backbone
 from models.linear import FineTuned, LinearProbe
 from tests.conftest import render_shapes_tree
 from tests.multiprocess import torchrun
-from tests.test_lincls import MAIN_DRIVER, REPO, TINY, run
+from tests.test_lincls import REPO, TINY, result_of, run, run_main_lincls
 from tools import collect_results
 
 
@@ -170,15 +169,7 @@ def outcomes(data_dir, train_folder, pretrained, runs, tmp_path_factory):
         'backbone lr of a probe': ['--backbone_lr=0.1', f'--output_dir={tmp / "c"}'],
         'knn on a subset': ['--eval=knn', '--train_percent=10', f'--output_dir={tmp / "d"}'],
     }
-    result = run([sys.executable, '-c', MAIN_DRIVER], [json.dumps([common + a for a in cases.values()])])
-    assert result.returncode == 0, result.stderr[-3000:]
-    return dict(zip(cases, (json.loads(line) for line in result.stdout.splitlines())))
-
-
-def result_of(outcomes, case):
-    kind, value = outcomes[case]
-    assert kind == 'result', f'{case}: {kind} {value}'
-    return value
+    return run_main_lincls({case: common + args for case, args in cases.items()})
 
 
 def loaded_backbone(path):

@@ -16,9 +16,9 @@ PY=.venv/bin/python
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 
 SEED=${SEED:-0}
-DATA=${DATA:-datasets/fashion_mnist_${TRAIN_PER_CLASS:-500}}
+DATA=${DATA:-datasets/fashion_mnist_${TRAIN_PER_CLASS:-400}}
 RUN=${RUN:-runs/fashion_mnist_seed${SEED}}
-TRAIN_PER_CLASS=${TRAIN_PER_CLASS:-500}   # of 6000 per class
+TRAIN_PER_CLASS=${TRAIN_PER_CLASS:-400}   # of 6000 per class
 VAL_PER_CLASS=${VAL_PER_CLASS:-100}       # of 1000 per class
 TEACHER_ARCH=${TEACHER_ARCH:-resnet18}
 STUDENT_ARCH=${STUDENT_ARCH:-resnet18}

@@ -13,7 +13,7 @@ from tests.test_knn_extract import REPO
 @pytest.mark.skipif(not os.path.isdir(fashion_mnist.DEFAULT_SOURCE),
                     reason="needs Debian's dataset-fashion-mnist (tools/setup.sh installs it as root)")
 def test_pipeline_runs_every_stage_and_reports(tmp_path):
-    env = dict(os.environ, DATA=str(tmp_path / 'data'), RUN=str(tmp_path / 'run'), TRAIN_PER_CLASS='16',
+    env = dict(os.environ, DATA=str(tmp_path / 'data'), RUN=str(tmp_path / 'run'), TRAIN_PER_CLASS='26',
                VAL_PER_CLASS='6', TEACHER_EPOCHS='1', STUDENT_EPOCHS='1', PROBE_EPOCHS='1', BATCH='16',
                QUEUE='64', WORKERS='0', DEVICE='cpu', OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
     done = subprocess.run(['bash', 'scripts/fashion_mnist.sh'], cwd=REPO, env=env, capture_output=True,

@@ -66,3 +66,9 @@ def test_cosine_schedule_matches_released_formula():
     assert cosine_lr(0.03, 0, 200) == 0.03
     assert math.isclose(cosine_lr(0.03, 100, 200), 0.015)
     assert math.isclose(cosine_lr(30, 60, 120, min_lr=0.01), 0.01 + (30 - 0.01) * 0.5)
+
+
+def test_atomic_files_get_the_usual_permissions(tmp_path):
+    checkpoint.save_atomic({'epoch': 1}, str(tmp_path / 'a.pth'))
+    open(tmp_path / 'b', 'w').close()  # what a plain open() gives under this umask
+    assert os.stat(tmp_path / 'a.pth').st_mode & 0o777 == os.stat(tmp_path / 'b').st_mode & 0o777

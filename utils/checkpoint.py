@@ -6,6 +6,12 @@ import tempfile
 import torch
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path, write):
     """Call write(binary file) on a temporary file next to `path`, then move it into place, so a
     crash leaves either the old file or the new one, never a torn one."""
@@ -18,6 +24,7 @@ def write_atomic(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from the user's group
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -85,12 +85,6 @@ def all_gather_cat(tensor: torch.Tensor, group=None) -> torch.Tensor:
     return torch.cat(gathered)
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if is_dist():
-        dist.all_reduce(tensor)
-    return tensor
-
-
 @torch.no_grad()
 def shuffle_across_node(x: torch.Tensor):
     """Give this rank a random slice of the node's whole batch (MoCo's shuffle BN).

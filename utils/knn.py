@@ -1,14 +1,28 @@
 """Exact k-nearest-neighbour search by inner product (SPEC stage 1).
 
-Features are L2-normalised, so inner-product order is L2-distance order. Engines:
-- faiss: IndexFlatIP, on all GPUs when faiss has GPU support and the tensors are on CUDA
-  (the released code's engine);
-- torch reference: fp32 matmul + top-k, chunked over queries and tiled over the database;
-- torch fast (default for the torch backend on CUDA): scores in bf16, then every candidate that
-  bf16 rounding could have misplaced is re-ranked in fp32, so the neighbour lists are those of
-  the fp32 reference (exact ties aside).
+Features are L2-normalised, so inner-product order is L2-distance order. "Exact" means: the lists
+that the exact inner products of the stored (fp32) features give, ties broken by the lower index.
+Engines:
+- faiss: IndexFlatIP (the released code's engine); on CUDA tensors a GPU index on the tensors' own
+  GPU only, so that every torchrun rank uses its own device;
+- torch exact (`fast=False`): float64 products of the fp32 features, tiled over the database;
+- torch fast (`fast=True`, the default on CUDA): bf16 candidates, certified, re-scored in float64.
+
+The fast path, per chunk of queries, streams the database in tiles: bf16 products with fp32
+accumulation (fp32 output where torch offers it) give approximate scores s~, of which the m best
+per query are kept (`_candidates`). Every pair's error |s~ - s| is at most a bound e(x) computed
+from the rounding of x and of the database rows (`_error_bound`), so a query whose k-th best exact
+score among its m candidates exceeds the m-th approximate score plus e(x) cannot have any other
+row in its k best: its list is certified. Uncertified queries (ties, duplicates, clusters tighter
+than the bound) are searched again with more candidates, then by the exact path. The bound is checked
+on every candidate at run time: arithmetic that broke it stops the search with an error.
+
+Peak memory of the fast path on the search device (`fast_search_bytes`): the fp32 features (the
+caller's tensor, 4 N D bytes) and their bf16 copy padded to 128 rows (2 N D), plus per chunk of C
+queries a C x T score tile (4 C T bytes, T = `tile_rows`), its block maxima (C T / 32 bytes) and
+bounded scratch (re-scoring, exact fall-back: `_SCRATCH_ELEMENTS` float64 each). It depends on
+(N, D, C) only, never on the data.
 """
-import contextlib
 import functools
 import math
 
@@ -17,16 +31,22 @@ import torch
 
 BACKENDS = ('auto', 'faiss', 'torch')
 
-# Largest score block / gathered candidate block, in elements (1 GiB / 512 MiB of fp32).
-_MAX_SCORE_ELEMENTS = 2 ** 28
-_MAX_GATHER_ELEMENTS = 2 ** 27
-_MATMUL_ALIGN = 128     # an unpadded odd row count ran the bf16 matmul at 1/6 of the speed
-_BF16_UNIT_ROUNDOFF = 2.0 ** -8
+_BLOCK = 128                   # database rows per block maximum; matmuls want row counts of 128 n
+_TILE_ELEMENTS = 2 ** 29       # one chunk's score tile: 2 GiB of fp32
+_SCRATCH_ELEMENTS = 2 ** 27    # gathered candidates / exact score rows: 1 GiB of float64
+# Candidates per query in the two certified rounds: clusters of a few dozen near-equal rows (within
+# the bf16 bound of each other) are certified by the first; larger groups of duplicates by the second.
+_CANDIDATES = (64, 512)
 _FP32_UNIT_ROUNDOFF = 2.0 ** -24
+_BF16_UNIT_ROUNDOFF = 2.0 ** -8
 
 
 class FaissNotInstalledError(ValueError, ImportError):
     """backend='faiss' was asked for but faiss cannot be imported."""
+
+
+class BoundViolationError(RuntimeError):
+    """The device's bf16 arithmetic broke the error bound that certification relies on."""
 
 
 def _import_faiss():
@@ -42,7 +62,8 @@ def _faiss_has_gpu(faiss):
     return hasattr(faiss, 'StandardGpuResources') and faiss.get_num_gpus() > 0
 
 
-def _resolve_backend(backend, device):
+def resolve_backend(backend, device):
+    """The engine that `search` uses for `backend` on `device`: 'faiss' or 'torch'."""
     if backend not in BACKENDS:
         raise ValueError(f'knn backend {backend!r} is not one of {BACKENDS}')
     faiss = _import_faiss()
@@ -74,172 +95,258 @@ def _check_inputs(database, queries, k, chunk_size):
         raise ValueError(f'knn chunk_size={chunk_size} must be positive')
 
 
+def tile_rows(chunk_size):
+    """Database rows per score tile of a chunk: a multiple of _BLOCK, the tile within _TILE_ELEMENTS."""
+    return max(_BLOCK, _TILE_ELEMENTS // chunk_size // _BLOCK * _BLOCK)
+
+
+def fast_search_bytes(n, dim, chunk_size):
+    """Upper bound on the peak memory (bytes) of the fast search on its device, n x dim features
+    (counted: 4 n dim) searched by chunks of chunk_size queries; see the module docstring. The
+    scratch term covers the re-scoring pieces and the exact fall-back's score rows, masks and
+    float64 database slice (each at most _SCRATCH_ELEMENTS elements of 8 bytes)."""
+    padded = math.ceil(n / _BLOCK) * _BLOCK
+    tile = min(tile_rows(chunk_size), padded)
+    chunk = min(chunk_size, n)
+    return (4 * n * dim + 2 * padded * dim + 4 * chunk * tile * (1 + 1 / _BLOCK)
+            + 4 * 8 * _SCRATCH_ELEMENTS + 16 * chunk * dim)
+
+
 @torch.no_grad()
 def search(database, queries, k, backend='auto', chunk_size=4096, fast=None):
-    """Exact top-k of queries (M, D) against database (N, D) by inner product, nearest first.
+    """Exact top-k of queries (M, D) against database (N, D) by inner product, nearest first,
+    ties by the lower index (faiss: its own order within exact ties).
 
     Returns (scores (M, k) float32, indices (M, k) int64) on the tensors' device. `fast` picks the
-    torch backend's bf16 + fp32 re-rank path (None: on CUDA only); it does not affect faiss.
+    torch backend's certified bf16 path (None: on CUDA only); it does not affect faiss.
     """
     _check_inputs(database, queries, k, chunk_size)
     device = database.device
-    backend = _resolve_backend(backend, device)
+    if resolve_backend(backend, device) == 'faiss':
+        return _faiss_search(database, queries, k)
     if queries.shape[0] == 0:
         return (torch.empty(0, k, dtype=torch.float32, device=device),
                 torch.empty(0, k, dtype=torch.int64, device=device))
-    if backend == 'faiss':
-        return _faiss_search(database, queries, k)
     if fast is None:
         fast = device.type == 'cuda'
     if fast:
-        search_chunk = functools.partial(_fast_chunk_search, *_prepare_fast(database))
+        search_chunk = functools.partial(_fast_chunk_search, _Database(database, chunk_size))
     else:
-        # Database tile width keeping a chunk's score block under _MAX_SCORE_ELEMENTS.
-        tile = max(k, _MAX_SCORE_ELEMENTS // chunk_size)
-        search_chunk = functools.partial(_reference_chunk_search, database.float(), tile)
-    results = [search_chunk(queries[start:start + chunk_size], k)
+        search_chunk = functools.partial(_exact_search, database.float())
+    results = [search_chunk(queries[start:start + chunk_size].float(), k)
                for start in range(0, queries.shape[0], chunk_size)]
     scores, indices = zip(*results)
-    return torch.cat(scores), torch.cat(indices)
+    return torch.cat(scores).float(), torch.cat(indices)
 
 
 def _faiss_search(database, queries, k):
     faiss = _import_faiss()
-    index = faiss.IndexFlatIP(database.shape[1])
+    dim = database.shape[1]
     if database.is_cuda and _faiss_has_gpu(faiss):
-        index = faiss.index_cpu_to_all_gpus(index)
+        config = faiss.GpuIndexFlatConfig()
+        config.device = database.device.index if database.device.index is not None else torch.cuda.current_device()
+        index = faiss.GpuIndexFlatIP(faiss.StandardGpuResources(), dim, config)  # this rank's GPU only
+    else:
+        index = faiss.IndexFlatIP(dim)
     index.add(database.float().cpu().contiguous().numpy())
     scores, indices = index.search(queries.float().cpu().contiguous().numpy(), k)
     return (torch.from_numpy(scores).to(database.device),
             torch.from_numpy(indices).long().to(database.device))
 
 
-def _reference_chunk_search(database, tile, queries, k):
-    """fp32 matmul + top-k per database tile, merged into a running top-k.
+# ----------------------------------------------------------------------------- exact selection
 
-    On CUDA the matmul is exact fp32 only while TF32 is off (torch's default).
-    """
-    queries = queries.float()
-    best_scores = best_indices = None
-    for first in range(0, database.shape[0], tile):
-        scores = queries @ database[first:first + tile].T
-        top = scores.topk(min(k, scores.shape[1]), dim=1)
-        indices = top.indices + first
-        if best_scores is None:
-            best_scores, best_indices = top.values, indices
-            continue
-        merged = torch.cat([best_scores, top.values], dim=1).topk(k, dim=1)
-        best_indices = torch.cat([best_indices, indices], dim=1).gather(1, merged.indices)
-        best_scores = merged.values
-    return best_scores, best_indices
+def _rank_lowest_index_first(scores, indices, k):
+    """The k best of each row by (score descending, index ascending). (R, c) -> (R, k) each."""
+    order = torch.argsort(indices, dim=1, stable=True)
+    scores, indices = scores.gather(1, order), indices.gather(1, order)
+    order = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :k]
+    return scores.gather(1, order), indices.gather(1, order)
 
 
-def _block_width(n):
-    """Columns per block for the block-maxima selection: a multiple of 128 near sqrt(n / 2),
-    which balances the top-k over block maxima against the gather of the chosen blocks
-    (1024 for ImageNet's 1.28M rows)."""
-    width = _MATMUL_ALIGN
-    while 2 * width * width < n:
-        width *= 2
-    return width
+def _top_k_lowest_index(scores, k):
+    """The k best columns of each row of scores (R, N), ties at the k-th value by the lower column,
+    sorted by (score descending, column ascending). Memory: a few (R, N) masks."""
+    kth = scores.topk(k, dim=1).values[:, -1:]
+    greater = scores > kth
+    equal = scores == kth
+    needed = k - greater.sum(dim=1, keepdim=True)
+    chosen = greater | (equal & (torch.cumsum(equal, dim=1) <= needed))  # exactly k per row
+    columns = chosen.nonzero()[:, 1].view(-1, k)  # ascending within each row
+    return _rank_lowest_index_first(scores.gather(1, columns), columns, k)
 
 
-def _score_error_bound(dim):
-    """Bound on |bf16 score - exact score| + |fp32 score - exact score| for unit vectors.
+def _exact_search(database, queries, k):
+    """float64 scores of queries (R, D) against every row of database (N, D) (products of fp32
+    numbers are exact in float64; sums of D of them err by ~D 2^-53): the reference, and the
+    fast path's last resort. Rows in pieces whose (r, N) score block stays within _SCRATCH_ELEMENTS."""
+    n, dim = database.shape
+    rows = max(1, _SCRATCH_ELEMENTS // n)
+    tile = max(1, _SCRATCH_ELEMENTS // dim)  # database rows converted to float64 at a time
+    scores_out, indices_out = [], []
+    for first in range(0, queries.shape[0], rows):
+        piece = queries[first:first + rows].double()
+        scores = torch.empty(piece.shape[0], n, dtype=torch.float64, device=queries.device)
+        for start in range(0, n, tile):
+            scores[:, start:start + tile] = piece @ database[start:start + tile].double().T
+        best_scores, best_indices = _top_k_lowest_index(scores, k)
+        scores_out.append(best_scores)
+        indices_out.append(best_indices)
+    return torch.cat(scores_out), torch.cat(indices_out)
 
-    With u = 2^-8 (bf16 unit roundoff): rounding x and y to bf16 changes each x_i y_i by at most
-    (2u + u^2)|x_i y_i|, and sum |x_i y_i| <= |x||y| = 1 (Cauchy-Schwarz). Products of bf16
-    numbers are exact in fp32; summing d of them in fp32, in any order, adds at most
-    g = d 2^-24 / (1 - d 2^-24) times sum |x^_i y^_i| <= (1 + u)^2. Rounding the result to bf16
-    adds u times its magnitude, <= (1 + u)^2 (1 + g). An fp32 dot product is within g of exact.
-    """
-    u = _BF16_UNIT_ROUNDOFF
-    g = dim * _FP32_UNIT_ROUNDOFF / (1 - dim * _FP32_UNIT_ROUNDOFF)
-    bf16_error = (2 * u + u * u) + g * (1 + u) ** 2 + u * (1 + u) ** 2 * (1 + g)
-    return bf16_error + g
+
+# ----------------------------------------------------------------------------- the fast path
+
+def _fp32_out_matmul(device):
+    """Whether torch.mm(bf16, bf16, out_dtype=float32) runs on `device` (CUDA, torch >= 2.8)."""
+    return _probe_fp32_out(device.type, device.index)
 
 
-@contextlib.contextmanager
-def _fp32_matmul_reductions():
-    """Keep cuBLAS from reducing split-K partial sums in bf16, which the error bound excludes."""
-    allowed = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
-    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+@functools.lru_cache(maxsize=None)
+def _probe_fp32_out(device_type, index):
+    if device_type != 'cuda':
+        return False
+    a = torch.ones(8, 8, dtype=torch.bfloat16, device=torch.device(device_type, index))
     try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = allowed
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
 
 
-def _prepare_fast(database):
-    """(fp32 database, bf16 database padded to whole blocks, block width, largest row norm)."""
-    n, dim = database.shape
-    width = _block_width(n)
-    n_blocks = math.ceil(n / width)
-    # Zero rows pad the database to whole blocks; their scores are set to -inf.
-    database_bf16 = database.new_zeros(n_blocks * width, dim, dtype=torch.bfloat16)
-    database_bf16[:n] = database
-    database = database.float()
-    return database, database_bf16, width, database.norm(dim=1).max()
+class _Database:
+    """The fast path's view of the database: fp32 rows for exact re-scoring, bf16 rows padded to
+    whole blocks for the candidate products, and the norms the error bound needs."""
+
+    def __init__(self, database, chunk_size):
+        self.rows = database.float()                       # (N, D), the caller's tensor when fp32
+        n, dim = self.rows.shape
+        self.n, self.dim = n, dim
+        padded = math.ceil(n / _BLOCK) * _BLOCK
+        self.tile = min(tile_rows(chunk_size), padded)
+        self.fp32_out = _fp32_out_matmul(self.rows.device)
+        on_cpu = self.rows.device.type == 'cpu'
+        # CPU: bf16 matmuls are emulated, so the rounded rows are kept as fp32 (exact) and the
+        # product runs in fp32: the same exact products and fp32 sums as on the GPU.
+        self.low = self.rows.new_zeros(padded, dim, dtype=torch.float32 if on_cpu else torch.bfloat16)
+        norms = torch.zeros(3, dtype=torch.float64, device=self.rows.device)  # max |y|, |y_hi|, |y_lo|
+        for start in range(0, n, self.tile):
+            y = self.rows[start:start + self.tile]
+            high = y.bfloat16()
+            self.low[start:start + y.shape[0]] = high
+            high = high.float()
+            pieces = torch.stack([y.double().norm(dim=1), high.double().norm(dim=1),
+                                  (y - high).double().norm(dim=1)])
+            norms = torch.maximum(norms, pieces.amax(dim=1))
+        self.norm, self.high_norm, self.low_norm = norms.tolist()
+
+    def scores(self, queries_low, start):
+        """Approximate scores (C, T) of the chunk against tile `start`, fp32 (or bf16 where torch
+        has no fp32 output): bf16 products, fp32 sums."""
+        tile = self.low[start:start + self.tile]
+        if self.low.dtype == torch.float32:
+            return queries_low @ tile.T
+        if self.fp32_out:
+            return torch.mm(queries_low, tile.T, out_dtype=torch.float32)
+        return queries_low @ tile.T
 
 
-def _gather_blocks(scores, blocks, width):
-    """scores (m, n_blocks * width), blocks (m, b) -> those blocks' scores (m, b * width)."""
-    m = scores.shape[0]
-    by_block = scores.view(m, -1, width)
-    return by_block.gather(1, blocks[:, :, None].expand(-1, -1, width)).reshape(m, -1)
+def _error_bound(queries, database):
+    """e(x) (R,) float64 with |s~(x, y) - x.y| <= e(x) for every database row y.
 
-
-def _fast_chunk_search(database, database_bf16, width, database_norm, queries, k):
-    """bf16 scores, block-maxima candidate selection with an error bound, fp32 re-rank.
-
-    Two host syncs per chunk: the number of candidate blocks and of candidates.
+    x.y - x_hi.y_hi = x_lo.y + x_hi.y_lo, so |.| <= |x_lo||y| + |x_hi||y_lo| (Cauchy-Schwarz),
+    with hi the bf16 rounding and lo the remainder (exact in fp32). Products of bf16 numbers are
+    exact in fp32; summing D of them in fp32, in any order (split-K included), with adders that may
+    truncate (2 ulps per addition, as tensor cores are documented to do), adds at most
+    g |x_hi||y_hi|, g = 2 D u / (1 - 2 D u), u = 2^-24. A bf16 output (no fp32 output in this
+    torch) adds u_bf16 |s~| at certification (`_certify`). Norms are computed in float64; the
+    factor 1 + 2^-20 covers their rounding.
     """
-    n, dim = database.shape
-    m = queries.shape[0]
-    queries = queries.float()
-    # Scores of non-unit vectors scale the bound by the product of their norms.
-    margin = 2 * _score_error_bound(dim) * queries.norm(dim=1).max() * database_norm
-    with _fp32_matmul_reductions():
-        scores = queries.bfloat16() @ database_bf16.T                    # (m, n_blocks * width)
-    scores[:, n:] = -math.inf
-    block_max = scores.view(m, -1, width).amax(dim=2)                    # (m, n_blocks)
-
-    # The k-th best score lies in the k blocks with the largest maxima: any block holding one of
-    # the k best scores has a maximum at least as large as every block outside those k.
-    top_blocks = block_max.topk(min(k, block_max.shape[1]), dim=1).indices
-    kth = _gather_blocks(scores, top_blocks, width).topk(k, dim=1).values[:, -1].float()
-    # With e = _score_error_bound: the k best in bf16 all score >= kth - e in fp32, so an fp32 top-k
-    # neighbour j scores >= kth - e in fp32 and >= kth - 2e in bf16; it is a candidate.
-    threshold = (kth - margin)[:, None]
-
-    n_blocks = int((block_max >= threshold).sum(dim=1).max())
-    blocks = block_max.topk(n_blocks, dim=1).indices                     # (m, n_blocks)
-    block_scores = _gather_blocks(scores, blocks, width)                 # (m, n_blocks * width)
-    columns = (blocks[:, :, None] * width + torch.arange(width, device=blocks.device)).view(m, -1)
-    is_candidate = block_scores >= threshold
-    n_candidates = int(is_candidate.sum(dim=1).max())
-    # Rows with fewer candidates are filled with non-candidates, masked out after the re-rank.
-    picked = block_scores.masked_fill(~is_candidate, -math.inf).topk(n_candidates, dim=1)
-    filler = picked.values == -math.inf
-    candidates = columns.gather(1, picked.indices).masked_fill(filler, 0)  # (m, n_candidates)
-
-    exact = _exact_scores(queries, database, candidates).masked_fill(filler, -math.inf)
-    best = exact.topk(k, dim=1)
-    return best.values, candidates.gather(1, best.indices)
+    dim = queries.shape[1]
+    g = 2 * dim * _FP32_UNIT_ROUNDOFF / (1 - 2 * dim * _FP32_UNIT_ROUNDOFF)
+    high = queries.bfloat16().float()
+    x_high = high.double().norm(dim=1)
+    x_low = (queries - high).double().norm(dim=1)
+    bound = x_low * database.norm + x_high * database.low_norm + g * x_high * database.high_norm
+    return bound * (1 + 2.0 ** -20)
 
 
-def _exact_scores(queries, database, candidates):
-    """fp32 dot products of queries (m, D) with database[candidates] (m, c) -> (m, c).
+def _candidates(database, queries, m):
+    """The m best rows of each query by approximate score: (scores (C, m) fp32, rows (C, m)).
 
-    Multiply-and-sum rather than a batched matmul, so TF32 settings cannot lower the precision.
+    Per tile: block maxima over _BLOCK columns, the m best blocks (which hold the tile's m best
+    scores: a block outside them has m blocks, each with a larger-or-equal maximum, before it),
+    the m best columns of those, merged into the running m best.
     """
-    m, count = candidates.shape
-    rows_per_piece = max(1, _MAX_GATHER_ELEMENTS // (count * database.shape[1]))
-    exact = torch.empty(m, count, dtype=torch.float32, device=queries.device)
-    for first in range(0, m, rows_per_piece):
-        rows = slice(first, first + rows_per_piece)
-        exact[rows] = (database[candidates[rows]] * queries[rows, None, :]).sum(dim=2)
+    c = queries.shape[0]
+    queries_low = queries.bfloat16()
+    if database.low.dtype == torch.float32:
+        queries_low = queries_low.float()
+    best_scores = best_rows = None
+    for start in range(0, database.low.shape[0], database.tile):
+        scores = database.scores(queries_low, start).float()              # (C, T)
+        if start + scores.shape[1] > database.n:                          # zero padding rows
+            scores[:, database.n - start:] = -math.inf
+        blocks = scores.view(c, -1, _BLOCK)                               # (C, T / B, B)
+        top_blocks = blocks.amax(dim=2).topk(min(m, blocks.shape[1]), dim=1).indices
+        in_blocks = blocks.gather(1, top_blocks[:, :, None].expand(-1, -1, _BLOCK)).view(c, -1)
+        top = in_blocks.topk(min(m, in_blocks.shape[1]), dim=1)
+        rows = start + top_blocks.gather(1, top.indices // _BLOCK) * _BLOCK + top.indices % _BLOCK
+        if best_scores is None:
+            best_scores, best_rows = top.values, rows
+            continue
+        merged = torch.cat([best_scores, top.values], dim=1).topk(m, dim=1)
+        best_rows = torch.cat([best_rows, rows], dim=1).gather(1, merged.indices)
+        best_scores = merged.values
+    return best_scores, best_rows
+
+
+def _rescore(database, queries, rows):
+    """float64 scores of queries (C, D) with database rows (C, m), in pieces of bounded memory."""
+    c, m = rows.shape
+    per_piece = max(1, _SCRATCH_ELEMENTS // (m * database.dim))
+    exact = torch.empty(c, m, dtype=torch.float64, device=queries.device)
+    for first in range(0, c, per_piece):
+        piece = slice(first, first + per_piece)
+        candidates = database.rows[rows[piece]].double()                    # (p, m, D)
+        exact[piece] = torch.bmm(candidates, queries[piece].double()[:, :, None]).squeeze(2)
     return exact
+
+
+def _certify(database, queries, k, m):
+    """Candidates of queries, re-scored exactly: (scores (C, k), rows (C, k), certified (C,))."""
+    approximate, rows = _candidates(database, queries, m)
+    exact = _rescore(database, queries, rows)
+    bound = _error_bound(queries, database)                                 # (C,)
+    if not database.fp32_out and database.low.dtype == torch.bfloat16:      # bf16 output rounding
+        bound = bound + _BF16_UNIT_ROUNDOFF * (approximate.double().abs() + bound[:, None]).amax(dim=1)
+    error = (approximate.double() - exact).abs().amax(dim=1)
+    if bool((error > bound).any()):
+        worst = int((error / bound).argmax())
+        raise BoundViolationError(
+            f'knn: bf16 scores on {queries.device} erred by {error[worst].item():.3e} against a '
+            f'bound of {bound[worst].item():.3e}: this device\'s matrix products are not what the '
+            f'bound assumes; search with fast=False (exact float64) or with faiss instead')
+    scores, best = _rank_lowest_index_first(exact, rows, k)
+    # Any row outside the m candidates scores at most (m-th approximate score) + bound exactly.
+    certified = (m >= database.n) | (scores[:, -1] > approximate[:, -1].double() + bound)
+    return scores, best, certified
+
+
+def _fast_chunk_search(database, queries, k):
+    """Certified candidates for every query; uncertified ones again with more candidates, then
+    the exact path. One host sync per round (how many queries remain)."""
+    scores = torch.empty(queries.shape[0], k, dtype=torch.float64, device=queries.device)
+    indices = torch.empty(queries.shape[0], k, dtype=torch.int64, device=queries.device)
+    pending = torch.arange(queries.shape[0], device=queries.device)
+    for m in _CANDIDATES:
+        candidates = min(database.n, max(m, 2 * k))
+        found, rows, certified = _certify(database, queries[pending], k, candidates)
+        scores[pending[certified]], indices[pending[certified]] = found[certified], rows[certified]
+        pending = pending[~certified]
+        if pending.numel() == 0:
+            return scores, indices
+    scores[pending], indices[pending] = _exact_search(database.rows, queries[pending], k)
+    return scores, indices
 
 
 def neighbours_excluding_self(features, k, backend='auto', query_range=None, fast=None,

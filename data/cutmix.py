@@ -6,8 +6,8 @@ import torch
 
 def cutmix_box(height: int, width: int, alpha: float = 2.0):
     """Draw lambda ~ Beta(alpha, alpha) and a box of side ratio sqrt(1 - lambda), centre uniform,
-    clipped to the image. Returns (top, bottom, left, right) and the anchor's area share after
-    clipping. Drawn on the CPU so the training step never waits for the GPU."""
+    clipped to the image, from torch's global (CPU) RNG. Returns (top, bottom, left, right) and the
+    anchor's area share after clipping."""
     lam = torch.distributions.Beta(alpha, alpha).sample().item()
     cut = math.sqrt(1.0 - lam)
     cut_h, cut_w = int(height * cut), int(width * cut)
@@ -17,9 +17,13 @@ def cutmix_box(height: int, width: int, alpha: float = 2.0):
     return (top, bottom, left, right), 1.0 - (bottom - top) * (right - left) / (height * width)
 
 
-def cutmix(anchor: torch.Tensor, neighbour: torch.Tensor, alpha: float = 2.0):
-    """(B,C,H,W) anchor views with one box region taken from the neighbour views; returns (mix, lambda)."""
-    (top, bottom, left, right), lam = cutmix_box(anchor.shape[2], anchor.shape[3], alpha)
-    mix = anchor.clone()
-    mix[:, :, top:bottom, left:right] = neighbour[:, :, top:bottom, left:right]
-    return mix, lam
+def cutmix(anchor: torch.Tensor, neighbour: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """(B,C,H,W) anchor views with the box region taken from the neighbour views.
+
+    box: (4,) int64 (top, bottom, left, right), a tensor on the views' device, so that the same
+    kernels serve every box (a CUDA graph replays them with the next step's box)."""
+    rows = torch.arange(anchor.shape[2], device=anchor.device)
+    cols = torch.arange(anchor.shape[3], device=anchor.device)
+    inside = (((rows >= box[0]) & (rows < box[1]))[:, None]
+              & ((cols >= box[2]) & (cols < box[3]))[None, :])  # (H, W)
+    return torch.where(inside, neighbour, anchor)

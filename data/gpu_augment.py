@@ -56,9 +56,6 @@ class ViewParams:
     blur: torch.Tensor     # (V,) bool: blurred
     sigma: torch.Tensor    # (V,) float32: blur sigma (drawn for every view, used where blur)
 
-    def to(self, device):
-        return ViewParams(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
-
 
 def _uniform(shape, low, high, generator):
     return torch.empty(shape, dtype=torch.float64).uniform_(low, high, generator=generator)
@@ -133,51 +130,70 @@ def _resampling_weights(start, length, in_size, out_size):
     return weight.div_(weight.sum(2, keepdim=True))
 
 
-def _consecutive_groups(shapes, max_elements):
-    """(start, stop) runs of consecutive images whose zero-padded float copy stays within
-    max_elements (a lone larger image makes its own run)."""
-    start, height, width = 0, 0, 0
-    for i, (h, w) in enumerate(shapes):
+# Resampling on CUDA runs in fp16 on tensor cores: pixels 0..255 are exact in fp16, the weights
+# round by 2^-11 relative and the results (< 256) by 2^-5 absolute. Error against the fp32 path:
+# first pass 255 * 2^-11 + 2^-4, second pass that plus 255 * 2^-11 + 2^-4, at most 0.38 grey levels
+# (tests/test_gpu_augment.py checks it on CUDA).
+FP16_RESAMPLING_ERROR = (2 * 255 * 2.0 ** -11 + 2 * 2.0 ** -4) / 255  # in [0, 1] units
+
+
+def _groups(shapes, max_elements):
+    """Image indices in groups of equal or similar sizes: sorted by (H, W), cut where the
+    zero-padded copy of a group would exceed max_elements (a lone larger image is its own group)."""
+    order = sorted(range(len(shapes)), key=lambda n: tuple(shapes[n]))
+    group, height, width = [], 0, 0
+    for n in order:
+        h, w = shapes[n]
         grown_h, grown_w = max(height, h), max(width, w)
-        if i > start and (i + 1 - start) * 3 * grown_h * grown_w > max_elements:
-            yield start, i
-            start, grown_h, grown_w = i, h, w
+        if group and (len(group) + 1) * 3 * grown_h * grown_w > max_elements:
+            yield group
+            group, grown_h, grown_w = [], h, w
+        group.append(n)
         height, width = grown_h, grown_w
-    yield start, len(shapes)
+    yield group
 
 
-def resized_crops(images, boxes, flip, size, views_per_image=1, max_elements=2**28):
+def _stacked(images, dtype):
+    """(n, H, 3, W) rows, channels, columns of images of one size, or zero-padded to the largest."""
+    height, width = max(img.shape[1] for img in images), max(img.shape[2] for img in images)
+    if all(img.shape[1:] == (height, width) for img in images):
+        return torch.stack([img.permute(1, 0, 2) for img in images]).to(dtype)
+    padded = torch.zeros((len(images), height, 3, width), dtype=dtype, device=images[0].device)
+    for target, img in zip(padded, images):
+        target[:img.shape[1], :, :img.shape[2]] = img.permute(1, 0, 2)
+    return padded
+
+
+def resized_crops(images, boxes, flip, size, views_per_image=1, max_elements=2**28, dtype=None):
     """Crop each view's box from its source and resize it to size x size with antialiasing.
 
     images: list of (3, H_n, W_n) tensors, uint8 (0-255) or float (0-1), sizes may differ;
     view v comes from images[v // views_per_image]. boxes: (V, 4) top, left, height, width;
     flip: (V,) bool, mirror the view. Returns (V, 3, size, size) float32 in [0, 1].
 
-    Batched as two matrix products per group of images: a (size x H) and a (size x W) resampling
-    matrix per view, applied to the images zero-padded to the group's largest size; groups keep
-    the padded copy under max_elements floats however large one image is.
+    Batched as two matrix products per group of images of similar size: a (size x H) and a
+    (size x W) resampling matrix per view, applied to the group's images (zero-padded where their
+    sizes differ); groups keep the padded copy under max_elements however large one image is.
+    dtype: of the products; default fp16 on CUDA (FP16_RESAMPLING_ERROR), else fp32.
     """
     device = images[0].device
+    dtype = dtype or (torch.float16 if device.type == 'cuda' else torch.float32)
     boxes, flip = boxes.to(device), flip.to(device)
     k = views_per_image
-    out = []
-    for start, stop in _consecutive_groups([img.shape[1:] for img in images], max_elements):
-        group = images[start:stop]
-        n = len(group)
-        height, width = max(img.shape[1] for img in group), max(img.shape[2] for img in group)
-        padded = torch.zeros((n, height, 3, width), device=device)  # rows, channels, columns
-        for target, img in zip(padded, group):
-            target[:img.shape[1], :, :img.shape[2]] = img.permute(1, 0, 2)
-        views = slice(start * k, stop * k)
-        rows = _resampling_weights(boxes[views, 0], boxes[views, 2], height, size)  # (n*k, S, H)
-        if group[0].dtype == torch.uint8:
-            rows.div_(255.0)
-        cols = _resampling_weights(boxes[views, 1], boxes[views, 3], width, size)  # (n*k, S, W)
-        cols = torch.where(flip[views, None, None], cols.flip(1), cols)
-        tall = torch.bmm(rows.view(n, k * size, height), padded.view(n, height, 3 * width))
+    scale = 255.0 if images[0].dtype == torch.uint8 else 1.0
+    out = torch.empty((len(images), k, 3, size, size), device=device)
+    for group in _groups([img.shape[1:] for img in images], max_elements):
+        pixels = _stacked([images[n] for n in group], dtype)                  # (n, H, 3, W)
+        n, height, _, width = pixels.shape
+        views = (torch.tensor(group, device=device)[:, None] * k + torch.arange(k, device=device)).view(-1)
+        rows = _resampling_weights(boxes[views, 0], boxes[views, 2], height, size).to(dtype)  # (n*k, S, H)
+        cols = _resampling_weights(boxes[views, 1], boxes[views, 3], width, size)             # (n*k, S, W)
+        cols = torch.where(flip[views, None, None], cols.flip(1), cols).to(dtype)
+        tall = torch.bmm(rows.view(n, k * size, height), pixels.view(n, height, 3 * width))
         small = torch.bmm(tall.view(n * k, size * 3, width), cols.transpose(1, 2))  # (n*k, S*3, S)
-        out.append(small.view(n * k, size, 3, size).permute(0, 2, 1, 3))
-    return torch.cat(out).contiguous()
+        out[torch.tensor(group, device=device)] = (
+            small.view(n, k, size, 3, size).permute(0, 1, 3, 2, 4).float().div_(scale))
+    return out.view(-1, 3, size, size)
 
 
 def _per_image(values):
@@ -237,22 +253,60 @@ def color_jitter(x, apply, factors, order):
     return x
 
 
-def gaussian_blur(x, sigma):
-    """Blur each image of (V, C, H, W) with its own sigma (V,): a separable Gaussian of
-    2*ceil(3 sigma)+1 taps with reflect padding (torchvision's gaussian_blur for that kernel size).
-    The kernels are built on the CPU (pass sigma there to avoid a device sync); the largest sets
-    the padding, the others are zero beyond their own radius."""
+_WIDEST = math.ceil(3 * BLUR_SIGMA[1])  # blur radius of the largest sigma: one kernel size always
+
+
+def blur_kernels(sigma):
+    """(V, 2 _WIDEST + 1) float64 kernels for sigmas (V,): a Gaussian of 2*ceil(3 sigma)+1 taps
+    (torchvision's gaussian_blur for that kernel size), zero beyond its own radius. Built on the CPU."""
     sigma = sigma.to('cpu', torch.float64)
-    radius = torch.ceil(3 * sigma).long()  # (V,)
-    widest = int(radius.max())
-    taps = torch.arange(-widest, widest + 1, dtype=torch.float64)
+    radius = torch.ceil(3 * sigma)
+    taps = torch.arange(-_WIDEST, _WIDEST + 1, dtype=torch.float64)
     kernel = torch.exp(-0.5 * (taps / sigma[:, None]) ** 2) * (taps.abs() <= radius[:, None])
-    kernel = (kernel / kernel.sum(1, keepdim=True)).to(x)  # (V, K)
+    return kernel / kernel.sum(1, keepdim=True)
+
+
+def gaussian_blur(x, kernel):
+    """Blur each image of (V, C, H, W) with its own kernel (V, K) (blur_kernels), separably, with
+    reflect padding by K // 2: a kernel zero beyond radius r reads only the r nearest padded
+    pixels, which reflect padding by r gives alike."""
+    widest = kernel.shape[1] // 2
+    kernel = kernel.to(x)
     v, c, h, w = x.shape
     kernel = kernel.repeat_interleave(c, 0)  # one kernel per channel of each image
     padded = F.pad(x.reshape(1, v * c, h, w), (widest,) * 4, mode='reflect')
     padded = F.conv2d(padded, kernel[:, None, :, None], groups=v * c)  # along H
     return F.conv2d(padded, kernel[:, None, None, :], groups=v * c).view(v, c, h, w)  # along W
+
+
+def colour_blur_normalise(x, jitter, factors, order, gray, blur, kernel):
+    """Colour jitter, grayscale, blur and normalisation of resized views x (V, 3, S, S) in [0, 1]:
+    some sixty elementwise passes, which torch.compile fuses into a few kernels on CUDA."""
+    x = color_jitter(x, jitter, factors, order)
+    x = torch.where(_per_image(gray), rgb_to_grayscale(x).expand_as(x), x)
+    x = torch.where(_per_image(blur), gaussian_blur(x, kernel), x)
+    mean = x.new_tensor(MEAN)[:, None, None]
+    std = x.new_tensor(STD)[:, None, None]
+    return (x - mean) / std
+
+
+_COMPILED = {}
+
+
+def _finishing(device):
+    """colour_blur_normalise, compiled once per process for CUDA (static shapes: the batch is fixed)."""
+    if device.type != 'cuda':
+        return colour_blur_normalise
+    if 'cuda' not in _COMPILED:
+        _COMPILED['cuda'] = torch.compile(colour_blur_normalise, dynamic=False, fullgraph=True)
+    return _COMPILED['cuda']
+
+
+def _on(device, tensor):
+    """A CPU tensor on `device` without a host sync (pinned memory on CUDA)."""
+    if device.type == 'cuda':
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def augment(images, params, size, views_per_image=1):
@@ -263,14 +317,10 @@ def augment(images, params, size, views_per_image=1):
     grayscale, blur, normalisation.
     """
     device = images[0].device
-    p = params.to(device)
+    p = ViewParams(**{f.name: _on(device, getattr(params, f.name)) for f in fields(params)})
     x = resized_crops(images, p.boxes, p.flip, size, views_per_image)
-    x = color_jitter(x, p.jitter, p.factors, p.order)
-    x = torch.where(_per_image(p.gray), rgb_to_grayscale(x).expand_as(x), x)
-    x = torch.where(_per_image(p.blur), gaussian_blur(x, params.sigma), x)
-    mean = torch.tensor(MEAN, device=device)[:, None, None]
-    std = torch.tensor(STD, device=device)[:, None, None]
-    return x.sub_(mean).div_(std)
+    kernel = _on(device, blur_kernels(params.sigma).float())
+    return _finishing(device)(x, p.jitter, p.factors, p.order, p.gray, p.blur, kernel)
 
 
 def moco_v2_views(images, size, views_per_image=2, generator=None):

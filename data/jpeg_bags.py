@@ -6,8 +6,9 @@ nvJPEG on CUDA) and draws the views with data.gpu_augment. Files that nvJPEG can
 colour (PNG and other formats, greyscale or CMYK JPEGs, lossless or arithmetic-coded JPEGs) are
 decoded with PIL on the CPU, exactly as ImageFolder.load decodes them, and joined to the batch.
 
-Samples are dicts of tuples of bytes, paths and indices, which torch's default collate turns
-into lists without copying the bytes into tensors (their lengths differ).
+Workers return each file as a uint8 tensor with a flag saying whether nvJPEG decodes it, and
+`collate_encoded` joins a batch into one flat tensor (shared memory, pinned by the DataLoader)
+with the files' lengths, so the main process neither unpickles bytes nor parses JPEG headers.
 """
 import io
 
@@ -26,19 +27,42 @@ _HUFFMAN_FRAMES = {0xC0, 0xC1, 0xC2}  # baseline, extended sequential, progressi
 
 
 def _read(path):
+    """A file's bytes as a uint8 tensor, and whether nvJPEG decodes it (is_colour_jpeg)."""
     try:
         with open(path, 'rb') as f:
-            return f.read()
+            data = f.read()
     except OSError as e:
         raise DataError(f'cannot read image {path}: {e}') from e
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8), is_colour_jpeg(data)
+
+
+def _sample(paths, indices):
+    encoded, jpeg = zip(*(_read(path) for path in paths))
+    return {'encoded': encoded, 'jpeg': jpeg, 'path': paths, 'index': indices}
+
+
+def collate_encoded(samples):
+    """Samples of the datasets below -> one batch: 'data' (all files' bytes, role by role: every
+    sample's first file, then every sample's second), 'lengths' and 'jpeg' per file, 'path' (list),
+    'index' (B, roles) and 'roles'."""
+    roles = len(samples[0]['encoded'])
+    order = [(sample, role) for role in range(roles) for sample in samples]
+    files = [sample['encoded'][role] for sample, role in order]
+    return {'data': torch.cat(files), 'lengths': torch.tensor([len(f) for f in files]),
+            'jpeg': torch.tensor([sample['jpeg'][role] for sample, role in order]),
+            'path': [sample['path'][role] for sample, role in order],
+            'index': torch.tensor([sample['index'] for sample in samples]), 'roles': roles}
 
 
 class EncodedBagDataset(torch.utils.data.Dataset):
-    """Sample i -> {'encoded': (anchor bytes, neighbour bytes), 'path': (..), 'index': (i, j)}.
+    """Sample i -> {'encoded': (anchor, neighbour) uint8 tensors of the files, 'jpeg': (..),
+    'path': (..), 'index': (i, j)}; batch with `collate` (collate_encoded).
 
     j is drawn uniformly from neighbours[i] afresh on every call with torch's RNG, as
     data.bags.BagDataset draws it; `gpu_views` turns a batch into (q, k, pq, pk).
     """
+
+    collate = staticmethod(collate_encoded)
 
     def __init__(self, folder, neighbours):
         if len(neighbours) != len(folder):
@@ -53,12 +77,14 @@ class EncodedBagDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         row = self.neighbours[i]
         j = int(row[torch.randint(len(row), ()).item()])
-        paths = (self.folder.path(i), self.folder.path(j))
-        return {'encoded': tuple(_read(p) for p in paths), 'path': paths, 'index': (i, j)}
+        return _sample((self.folder.path(i), self.folder.path(j)), (i, j))
 
 
 class EncodedTwoViewDataset(torch.utils.data.Dataset):
-    """Sample i -> {'encoded': (bytes,), 'path': (path,), 'index': (i,)}; `gpu_views` makes (q, k)."""
+    """Sample i -> {'encoded': (file,), 'jpeg': (..), 'path': (path,), 'index': (i,)}; `gpu_views`
+    makes (q, k)."""
+
+    collate = staticmethod(collate_encoded)
 
     def __init__(self, folder):
         self.folder = folder
@@ -67,8 +93,7 @@ class EncodedTwoViewDataset(torch.utils.data.Dataset):
         return len(self.folder)
 
     def __getitem__(self, i):
-        path = self.folder.path(i)
-        return {'encoded': (_read(path),), 'path': (path,), 'index': (i,)}
+        return _sample((self.folder.path(i),), (i,))
 
 
 def is_colour_jpeg(data: bytes) -> bool:
@@ -110,10 +135,9 @@ def _decode_with_pil(data, path):
     return torch.from_numpy(rgb).permute(2, 0, 1)
 
 
-def _decode_jpegs(encoded, device):
+def _decode_list(tensors, device):
     """decode_jpeg on a list; when the batch call fails, image by image with None for failures,
     so that one odd file costs a CPU decode, not the run."""
-    tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in encoded]
     try:
         return decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:
@@ -126,32 +150,105 @@ def _decode_jpegs(encoded, device):
         return decoded
 
 
-def decode_images(encoded, paths, device):
-    """File bytes -> list of (3, H, W) uint8 RGB tensors on `device`, in order.
+_DECODE_STREAMS = {}
 
-    Colour JPEGs go through one batched torchvision.io.decode_jpeg call on `device`; the rest,
-    and any JPEG it rejects, through PIL on the CPU. DataError names a file PIL cannot read either.
+
+def _decode_jpegs(tensors, device):
+    """decode_jpeg of uint8 tensors on `device`, safe from nvJPEG's stream hazard on CUDA.
+
+    nvJPEG's hardware decoder writes its outputs without waiting for the work already queued on
+    the stream it is given, and torchvision allocates those outputs from the caching allocator
+    while the caller's stream is current (pytorch/vision#9606). A block that the training step
+    freed while its kernels are still queued can be handed to the decoder and overwritten: wrong
+    numbers, NaN losses. So the decode runs with a private stream current, whose memory pool no
+    queued kernel uses: it first waits for that stream's own work (a host wait on decode work
+    only, already finished), the outputs are then ordered before the caller's stream and marked
+    as used by it, so the allocator never hands them back while the caller may still read them.
+    """
+    if device.type != 'cuda':
+        return _decode_list(tensors, device)
+    caller = torch.cuda.current_stream(device)
+    private = _DECODE_STREAMS.setdefault(device, torch.cuda.Stream(device))
+    private.synchronize()
+    with torch.cuda.stream(private):
+        images = _decode_list(tensors, device)
+    caller.wait_stream(private)
+    for image in images:
+        if image is not None:
+            image.record_stream(caller)
+    return images
+
+
+def decode_images(encoded, paths, device, jpeg=None):
+    """Files (uint8 tensors or bytes) -> list of (3, H, W) uint8 RGB tensors on `device`, in order.
+
+    Colour JPEGs (`jpeg`, per file; is_colour_jpeg when None) go through one batched
+    torchvision.io.decode_jpeg call on `device`; the rest, and any JPEG it rejects, through PIL on
+    the CPU. DataError names a file PIL cannot read either.
     """
     device = torch.device(device)
+    encoded = [torch.frombuffer(bytearray(f), dtype=torch.uint8) if isinstance(f, bytes) else f
+               for f in encoded]
+    if jpeg is None:
+        jpeg = [is_colour_jpeg(f.numpy().tobytes()) for f in encoded]
     images = [None] * len(encoded)
-    jpeg = [n for n, data in enumerate(encoded) if is_colour_jpeg(data)]
-    if jpeg:
-        for n, image in zip(jpeg, _decode_jpegs([encoded[n] for n in jpeg], device)):
+    colour = [n for n, is_jpeg in enumerate(jpeg) if is_jpeg]
+    if colour:
+        for n, image in zip(colour, _decode_jpegs([encoded[n] for n in colour], device)):
             images[n] = image
     for n, image in enumerate(images):
         if image is None:
-            images[n] = _decode_with_pil(encoded[n], paths[n]).to(device)
+            images[n] = _decode_with_pil(encoded[n].numpy().tobytes(), paths[n]).to(device)
     return images
 
 
 def gpu_views(batch, device, image_size, generator=None):
-    """A collated batch of EncodedBagDataset / EncodedTwoViewDataset samples -> the views the
-    training step takes: [q, k, pq, pk] (bags) or [q, k] (two views), each (B, 3, S, S) float32
-    on `device`, normalised. Random parameters come from `generator` or torch's global RNG."""
-    encoded = [data for role in batch['encoded'] for data in role]  # roles one after the other
-    paths = [path for role in batch['path'] for path in role]
-    images = decode_images(encoded, paths, device)
+    """A collate_encoded batch -> the views the training step takes: [q, k, pq, pk] (bags) or
+    [q, k] (two views), each (B, 3, S, S) float32 on `device`, normalised. Random parameters come
+    from `generator` or torch's global RNG."""
+    encoded = list(batch['data'].split(batch['lengths'].tolist()))
+    images = decode_images(encoded, batch['path'], device, batch['jpeg'].tolist())
     views = moco_v2_views(images, image_size, views_per_image=2, generator=generator)
-    roles, size = len(batch['encoded']), len(batch['encoded'][0])
+    roles = batch['roles']
+    size = len(encoded) // roles
     views = views.view(roles, size, 2, 3, image_size, image_size).transpose(1, 2)
     return list(views.reshape(roles * 2, size, 3, image_size, image_size).unbind(0))
+
+
+def views_on_device(loader, pipeline, device, image_size, n_views, generator=None):
+    """Yields each batch of `loader` as the list of view tensors the training step takes, on `device`.
+
+    pipeline 'cpu': the loader's augmented tensors (the first n_views of each sample), copied
+    without blocking. 'gpu': the loader's files, decoded and augmented by gpu_views (parameters
+    from `generator`); on CUDA each batch's views are made on a side stream one batch ahead, so
+    that decoding and augmenting the next batch overlap the current training step.
+    """
+    if pipeline == 'cpu':
+        for batch in loader:
+            yield [view.to(device, non_blocking=True) for view in batch[:n_views]]
+        return
+    if device.type != 'cuda':
+        for batch in loader:
+            yield gpu_views(batch, device, image_size, generator)
+        return
+    main = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    ahead = None
+    for batch in loader:
+        with torch.cuda.stream(side):
+            views = gpu_views(batch, device, image_size, generator)
+            ready = side.record_event()
+        if ahead is not None:
+            yield _handed_over(*ahead, main)
+        ahead = views, ready
+    if ahead is not None:
+        yield _handed_over(*ahead, main)
+
+
+def _handed_over(views, ready, stream):
+    """Views made on a side stream, ready for `stream`: it waits for them, and the allocator keeps
+    their memory until `stream` is done with them."""
+    stream.wait_event(ready)
+    for view in views:
+        view.record_stream(stream)
+    return views

@@ -35,5 +35,6 @@ def make_loader(dataset, batch_size: int, workers: int, train: bool, seed: int =
     else:
         sampler = RandomSampler(dataset) if train else SequentialSampler(dataset)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                        pin_memory=torch.cuda.is_available(), drop_last=train)
+                        pin_memory=torch.cuda.is_available(), drop_last=train,
+                        collate_fn=getattr(dataset, 'collate', None))  # datasets may bring their own
     return loader, sampler

@@ -6,8 +6,9 @@
 
 Defaults are the authors' released recipe (SPEC.md, stage 2); `--batch_size` is global.
 
-Fast mode (the same loss; see BENCHMARKS.md): `--precision=bf16 --channels_last --fast_views
---cudnn_benchmark`, optionally `--compile`.
+Fast mode: `--fast` (on CUDA: bf16, channels-last, one pass for the views, cuDNN autotuning and the
+whole step replayed as a CUDA graph); what each part costs in fidelity is in README.md and
+BENCHMARKS.md.
 """
 import os
 
@@ -16,12 +17,13 @@ from absl import app, flags
 
 from data.bags import BagDataset, TwoViewDataset
 from data.folder import ImageFolder
-from data.jpeg_bags import EncodedBagDataset, EncodedTwoViewDataset, gpu_views
+from data.jpeg_bags import EncodedBagDataset, EncodedTwoViewDataset, views_on_device
 from data.neighbours import load_neighbours
 from data.transforms import moco_v2_augmentation
 from models import ARCHS, build_student, load_teacher
 from models.checkpoints import FORMATS
-from models.distill import build_training_module, student_optimizer, train_step
+from models.distill import build_training_module, student_optimizer
+from models.fast import TrainStep
 from utils import checkpoint, dist
 from utils.logging import JsonlWriter, Progress
 from utils.schedule import cosine_lr, set_lr
@@ -63,6 +65,10 @@ flags.DEFINE_bool('fast_views', False, 'bingo: the student\'s three views in one
 flags.DEFINE_bool('compile', False, 'torch.compile the student\'s and teacher\'s forward (compiling '
                   'takes a minute or more at the start).')
 flags.DEFINE_bool('cudnn_benchmark', False, 'Let cuDNN time its convolution algorithms on the first steps.')
+flags.DEFINE_bool('cuda_graphs', False, 'Capture the whole training step (forward, backward, SGD, queue, '
+                  'collectives) as a CUDA graph after 3 eager steps and replay it (CUDA only).')
+flags.DEFINE_bool('fast', False, 'The recommended fast settings in one switch: --precision=bf16 --channels_last '
+                  '--fast_views (bingo) --cudnn_benchmark --cuda_graphs (CUDA).')
 flags.DEFINE_integer('seed', 0, 'Seed; each epoch reseeds from (seed, epoch, rank).')
 flags.DEFINE_integer('save_freq', 10, 'Keep checkpoint_<epoch>.pth every this many epochs.')
 flags.DEFINE_integer('report_freq', 10, 'Print and log progress every this many steps.')
@@ -71,7 +77,7 @@ flags.DEFINE_string('device', 'auto', "'auto' (CUDA when available), 'cuda' or '
 flags.mark_flags_as_required(['data_dir', 'output_dir'])
 
 
-def check_flags(world_size):
+def check_flags(world_size, device):
     if FLAGS.batch_size % world_size:
         raise app.UsageError(f'--batch_size={FLAGS.batch_size} is not divisible by {world_size} processes')
     if FLAGS.queue_size % FLAGS.batch_size:
@@ -81,15 +87,28 @@ def check_flags(world_size):
         raise app.UsageError('--method=bingo needs --teacher and --neighbours')
     if FLAGS.method == 'moco' and FLAGS.fast_views:
         raise app.UsageError('--fast_views applies to --method=bingo (MoCo has a single student pass)')
+    if FLAGS.cuda_graphs and device.type != 'cuda':
+        raise app.UsageError(f'--cuda_graphs needs a CUDA device, not {device}')
 
 
-def build_model(folder):
+def speed_options(device):
+    """--precision, --channels_last, --fast_views, --cudnn_benchmark and --cuda_graphs, with --fast
+    switching on every one that applies (fast views: bingo; CUDA graphs: a CUDA device)."""
+    fast = FLAGS.fast
+    return dict(precision='bf16' if fast else FLAGS.precision,
+                channels_last=fast or FLAGS.channels_last,
+                fast_views=(fast and FLAGS.method == 'bingo') or FLAGS.fast_views,
+                cudnn_benchmark=fast or FLAGS.cudnn_benchmark,
+                cuda_graphs=(fast and device.type == 'cuda') or FLAGS.cuda_graphs)
+
+
+def build_model(folder, speed):
     """The training module and the dataset it reads, per --method."""
     student = build_student(FLAGS.arch)
     augmentation = moco_v2_augmentation(FLAGS.image_size)
     options = dict(queue_size=FLAGS.queue_size, temperature=FLAGS.temperature,
-                   precision=FLAGS.precision, channels_last=FLAGS.channels_last,
-                   fast_views=FLAGS.fast_views, compile_backend='inductor' if FLAGS.compile else None)
+                   precision=speed['precision'], channels_last=speed['channels_last'],
+                   fast_views=speed['fast_views'], compile_backend='inductor' if FLAGS.compile else None)
     if FLAGS.method == 'moco':
         model = build_training_module('moco', student, moco_momentum=FLAGS.moco_momentum, **options)
         if FLAGS.data_pipeline == 'gpu':
@@ -144,18 +163,17 @@ def resume(model, optimizer):
 def main(argv):
     del argv
     info = dist.init_distributed(FLAGS.device)
-    check_flags(info.world_size)
+    check_flags(info.world_size, info.device)
+    speed = speed_options(info.device)
     torch.manual_seed(FLAGS.seed)  # same initial student and queue on every rank
-    torch.backends.cudnn.benchmark = FLAGS.cudnn_benchmark
+    torch.backends.cudnn.benchmark = speed['cudnn_benchmark']
     folder = ImageFolder(os.path.join(FLAGS.data_dir, 'train'))
-    model, dataset = build_model(folder)
+    model, dataset = build_model(folder, speed)
     model.to(info.device)
     optimizer = student_optimizer(model, FLAGS.lr, FLAGS.momentum, FLAGS.weight_decay)
     start_epoch = resume(model, optimizer)
-    train_model = model
-    if info.world_size > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[info.local_rank] if info.device.type == 'cuda' else None)
+    train_step = TrainStep(model, optimizer, 'graph' if speed['cuda_graphs'] else 'ddp',
+                           device_ids=[info.local_rank] if info.device.type == 'cuda' else None)
     per_rank_batch = FLAGS.batch_size // info.world_size
     loader, sampler = make_loader(dataset, per_rank_batch, FLAGS.workers, train=True, seed=FLAGS.seed)
     if dist.is_main():
@@ -168,17 +186,18 @@ def main(argv):
     n_views = 4 if FLAGS.method == 'bingo' else 2  # (q, k, pq, pk, i, j) or (q, k, i)
     for epoch in range(start_epoch, FLAGS.epochs):
         seed_epoch(FLAGS.seed, epoch, info.rank, sampler)
+        model.seed_draws(FLAGS.seed * 1_000_003 + epoch)  # alike on every rank: shuffle BN permutations
         lr = cosine_lr(FLAGS.lr, epoch, FLAGS.epochs)
         set_lr(optimizer, lr)
         epoch_lam = (1.0, 0.0) if epoch < FLAGS.warmup_epochs else lam
         model.train()
-        for step, batch in enumerate(loader):
-            if FLAGS.data_pipeline == 'gpu':  # decode and augment the whole batch on the device
-                views = gpu_views(batch, info.device, FLAGS.image_size)
-            else:
-                views = [v.to(info.device, non_blocking=True) for v in batch[:n_views]]  # drop the indices
+        # --data_pipeline=gpu draws the views' parameters from their own generator, per epoch and rank.
+        view_generator = torch.Generator().manual_seed((FLAGS.seed * 1_000_003 + epoch) * 1_009 + info.rank + 1)
+        batches = views_on_device(loader, FLAGS.data_pipeline, info.device, FLAGS.image_size, n_views,
+                                  view_generator)
+        for step, views in enumerate(batches):
             step_options = {'lam': epoch_lam} if FLAGS.method == 'bingo' else {}
-            loss, (acc1, acc5) = train_step(train_model, optimizer, views, **step_options)
+            loss, (acc1, acc5) = train_step(views, **step_options)
             shown = progress.update({'epoch': epoch}, step, len(loader), FLAGS.batch_size,
                                     loss=loss, acc1=acc1, acc5=acc5, lr=lr)
             if shown and not torch.isfinite(torch.tensor(shown['loss'])):

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.cutmix import cutmix
+from data.cutmix import cutmix, cutmix_box
 from models.fast import batch_norm_views, per_view_batch_norm
 from models.loss import bingo_loss, bingo_paper_loss, contrast_accuracy, moco_loss
 from utils import dist
@@ -51,18 +51,35 @@ class _Contrastive(nn.Module):
         if channels_last:  # weights too, or every convolution converts them on each call
             self.to(memory_format=torch.channels_last)
 
+        # Shuffle BN draws its permutations of the node batch from this generator: seeded alike on
+        # every rank (seed_draws), so all ranks of a node draw the same permutation, with no
+        # broadcast and no draw on the device.
+        self.node_generator = torch.Generator().manual_seed(0)
+
     def train(self, mode: bool = True):
         super().train(mode)
         if self.teacher_bn == 'eval':  # running statistics, never batch statistics
             self.teacher.eval()
         return self
 
+    def seed_draws(self, seed: int):
+        """Reseed the node-wide draws (call with the same seed on every rank, e.g. per epoch)."""
+        self.node_generator.manual_seed(seed)
+
+    def _permutation(self, batch_size):
+        """A permutation of the node batch for shuffle BN, or None without it. (node_size * B,)"""
+        if self.teacher_bn != 'train':
+            return None
+        return torch.randperm(dist.node_size() * batch_size, generator=self.node_generator)
+
     def _run(self, network, x):
-        """One pass with the configured precision; embeddings come back in fp32 for the loss."""
+        """One pass with the configured precision; embeddings come back in fp32 (fp64 inputs stay
+        fp64) for the loss. Autocast's weight cache is off: it must not outlive a CUDA graph capture."""
         x = x.contiguous(memory_format=self.memory_format)
         with torch.autocast(x.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
-            return network(x).float()
+                            enabled=self.autocast_dtype is not None, cache_enabled=False):
+            out = network(x)
+        return out.to(torch.promote_types(out.dtype, torch.float32))
 
     def _run_views(self, network, *views):
         """One pass over the views concatenated (V*B, ...), BatchNorm statistics per view
@@ -71,21 +88,18 @@ class _Contrastive(nn.Module):
             return self._run(network, torch.cat(views)).chunk(len(views))
 
     @torch.no_grad()
-    def _shuffle(self, x):
-        """Shuffle BN for the train-mode teacher: the batch is permuted across the node's GPUs so
-        that its BatchNorm statistics mix samples of several GPUs. Returns (input, permutation)."""
-        if self.teacher_bn == 'train':
-            return dist.shuffle_across_node(x)
-        return x, None
+    def _shuffle(self, x, perm):
+        """Shuffle BN for the train-mode teacher (perm is not None): the batch is permuted across
+        the node's GPUs so that its BatchNorm statistics mix samples of several GPUs."""
+        return x if perm is None else dist.shuffle_across_node(x, perm)
 
     @torch.no_grad()
     def _unshuffle(self, y, perm):
         return y if perm is None else dist.unshuffle(y, perm)
 
     @torch.no_grad()
-    def _teacher(self, x):
-        x, perm = self._shuffle(x)
-        return self._unshuffle(self._run(self.teacher, x), perm)
+    def _teacher(self, x, perm):
+        return self._unshuffle(self._run(self.teacher, self._shuffle(x, perm)), perm)
 
 
 class BingoDistiller(_Contrastive):
@@ -107,52 +121,64 @@ class BingoDistiller(_Contrastive):
             per_view_batch_norm(self.student)
             per_view_batch_norm(self.teacher)
 
-    def forward(self, anchor, anchor_key, neighbour, neighbour_key, lam=(0.5, 0.5)):
+    def draw(self, batch_size, image_size):
+        """The step's random draws, on the CPU, in the released order: the teacher's shuffle of the
+        anchor keys, the CutMix box and lambda (torch's global RNG, each rank its own), the shuffle
+        of the neighbour keys. Tensors, so that a CUDA graph can replay the step with new draws."""
+        draws = {'anchor_perm': self._permutation(batch_size)}
+        if self.bag_loss == 'released':
+            box, mix_lambda = cutmix_box(image_size, image_size, self.cutmix_alpha)
+            draws.update(box=torch.tensor(box), mix_lambda=torch.tensor(mix_lambda),
+                         neighbour_perm=self._permutation(batch_size))
+        return {key: value for key, value in draws.items() if value is not None}
+
+    def forward(self, anchor, anchor_key, neighbour, neighbour_key, lam=(0.5, 0.5), draws=None):
         """anchor/anchor_key: two views of image i; neighbour/neighbour_key: two views of its bag
-        neighbour j; all (B,3,H,W). Returns (loss, [acc@1, acc@5])."""
+        neighbour j; all (B,3,H,W). draws: `draw()`'s tensors on the views' device (drawn here
+        when None). Returns (loss, [acc@1, acc@5])."""
+        if draws is None:
+            draws = {k: v.to(anchor.device) for k, v in self.draw(anchor.shape[0], anchor.shape[-1]).items()}
         queue = self.queue.keys.clone()  # the loss keeps it for backward; push() rewrites the buffer
         if self.bag_loss == 'paper':
-            s_anchor, s_neighbour, t_anchor = self._embed_paper(anchor, anchor_key, neighbour)
+            s_anchor, s_neighbour, t_anchor = self._embed_paper(anchor, anchor_key, neighbour,
+                                                                draws.get('anchor_perm'))
             loss = bingo_paper_loss(s_anchor, s_neighbour, t_anchor, queue, self.temperature)
         else:
-            s_anchor, s_neighbour, s_mix, t_anchor, t_neighbour, mix_lambda = self._embed(
-                anchor, anchor_key, neighbour, neighbour_key)
-            loss = bingo_loss(s_anchor, s_neighbour, s_mix, t_anchor, t_neighbour, queue, mix_lambda,
-                              lam, self.temperature)
+            s_anchor, s_neighbour, s_mix, t_anchor, t_neighbour = self._embed(
+                anchor, anchor_key, neighbour, neighbour_key, draws)
+            loss = bingo_loss(s_anchor, s_neighbour, s_mix, t_anchor, t_neighbour, queue,
+                              draws['mix_lambda'], lam, self.temperature)
         accuracy = contrast_accuracy(s_anchor, t_anchor, queue)
         self.queue.push(dist.all_gather_cat(t_anchor))
         return loss, accuracy
 
-    def _embed(self, anchor, anchor_key, neighbour, neighbour_key):
+    def _embed(self, anchor, anchor_key, neighbour, neighbour_key, draws):
         """SPEC steps 1-3: student embeddings of the anchor, neighbour and CutMix views, teacher keys
-        of the anchor and the neighbour, and CutMix's lambda."""
+        of the anchor and the neighbour."""
+        anchor_perm, neighbour_perm = draws.get('anchor_perm'), draws.get('neighbour_perm')
+        mix = cutmix(anchor, neighbour, draws['box'])
         if not self.fast_views:  # as released: five separate passes, BatchNorm statistics per view
             s_anchor = self._run(self.student, anchor)
             s_neighbour = self._run(self.student, neighbour)
-            t_anchor = self._teacher(anchor_key)
-            mix, mix_lambda = cutmix(anchor, neighbour, self.cutmix_alpha)
+            t_anchor = self._teacher(anchor_key, anchor_perm)
             s_mix = self._run(self.student, mix)
-            t_neighbour = self._teacher(neighbour_key)
-            return s_anchor, s_neighbour, s_mix, t_anchor, t_neighbour, mix_lambda
-        # The random draws keep the released order (shuffle, CutMix box, shuffle), so both paths
-        # see the same permutations and box for the same seed.
-        anchor_key, anchor_perm = self._shuffle(anchor_key)
-        mix, mix_lambda = cutmix(anchor, neighbour, self.cutmix_alpha)
-        neighbour_key, neighbour_perm = self._shuffle(neighbour_key)
+            t_neighbour = self._teacher(neighbour_key, neighbour_perm)
+            return s_anchor, s_neighbour, s_mix, t_anchor, t_neighbour
         s_anchor, s_neighbour, s_mix = self._run_views(self.student, anchor, neighbour, mix)
         with torch.no_grad():
-            t_anchor, t_neighbour = self._run_views(self.teacher, anchor_key, neighbour_key)
+            t_anchor, t_neighbour = self._run_views(self.teacher, self._shuffle(anchor_key, anchor_perm),
+                                                    self._shuffle(neighbour_key, neighbour_perm))
         return (s_anchor, s_neighbour, s_mix, self._unshuffle(t_anchor, anchor_perm),
-                self._unshuffle(t_neighbour, neighbour_perm), mix_lambda)
+                self._unshuffle(t_neighbour, neighbour_perm))
 
-    def _embed_paper(self, anchor, anchor_key, neighbour):
+    def _embed_paper(self, anchor, anchor_key, neighbour, anchor_perm):
         """The paper's loss needs the student's anchor and neighbour views and the teacher's anchor key."""
         if self.fast_views:
             s_anchor, s_neighbour = self._run_views(self.student, anchor, neighbour)
         else:
             s_anchor = self._run(self.student, anchor)
             s_neighbour = self._run(self.student, neighbour)
-        return s_anchor, s_neighbour, self._teacher(anchor_key)
+        return s_anchor, s_neighbour, self._teacher(anchor_key, anchor_perm)
 
 
 class MoCo(_Contrastive):
@@ -169,12 +195,19 @@ class MoCo(_Contrastive):
         for s, t in zip(self.student.parameters(), self.teacher.parameters()):
             t.mul_(self.momentum).add_(s.detach(), alpha=1.0 - self.momentum)
 
-    def forward(self, query, key):
+    def draw(self, batch_size, image_size):
+        """The step's random draw: the shuffle of the keys across the node (see BingoDistiller.draw)."""
+        del image_size
+        return {'key_perm': self._permutation(batch_size)}
+
+    def forward(self, query, key, draws=None):
         """query/key: two views of the same images (B,3,H,W). Returns (loss, [acc@1, acc@5])."""
+        if draws is None:
+            draws = {k: v.to(query.device) for k, v in self.draw(query.shape[0], query.shape[-1]).items()}
         queue = self.queue.keys.clone()
         s_query = self._run(self.student, query)
         self._momentum_update()
-        t_key = self._teacher(key)
+        t_key = self._teacher(key, draws['key_perm'])
         loss = moco_loss(s_query, t_key, queue, self.temperature)
         accuracy = contrast_accuracy(s_query, t_key, queue)
         self.queue.push(dist.all_gather_cat(t_key))
@@ -209,13 +242,3 @@ def build_training_module(method, student, teacher=None, *, queue_size=65536, te
 def student_optimizer(model, lr, momentum=0.9, weight_decay=1e-4):
     """SGD over the student's parameters (the teacher is frozen or follows by momentum)."""
     return torch.optim.SGD(model.student.parameters(), lr, momentum=momentum, weight_decay=weight_decay)
-
-
-def train_step(train_model, optimizer, views, **kwargs):
-    """One step of main_distill's loop: loss (and queue push), backward, SGD step. Returns the loss
-    and [acc@1, acc@5] as device tensors; nothing is read back, so the host never waits."""
-    loss, accuracy = train_model(*views, **kwargs)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss, accuracy

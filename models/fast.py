@@ -83,3 +83,126 @@ def batch_norm_views(module: nn.Module, views: int):
     finally:
         for layer in layers:
             layer.views = 1
+
+
+def _to_device(value, device):
+    """A step input on `device` without a host sync: CPU tensors go through pinned memory."""
+    value = torch.as_tensor(value)
+    if device.type == 'cuda' and value.device.type == 'cpu':
+        return value.pin_memory().to(device, non_blocking=True)
+    return value.to(device)
+
+
+class TrainStep:
+    """main_distill's training step: forward (with the queue push), backward, SGD step.
+
+    mode:
+    - 'ddp': eager; under torchrun the module is wrapped in DistributedDataParallel (released).
+    - 'graph' (CUDA): the whole step is captured once as a CUDA graph after `warmup_steps` eager
+      steps and replayed for every later batch. At 32 images per GPU the eager step is bound by
+      launching thousands of kernels from Python; a replay launches them in one call. Inputs are
+      copied into the graph's static buffers first: the views, `lam` and the step's draws (CutMix
+      box and lambda, shuffle permutations: models.distill's `draw`). DDP's reducer cannot be
+      captured, so its two collectives are done by hand inside the graph, as DDP does them:
+      rank 0's buffers broadcast before the forward, gradients averaged after the backward. The
+      SGD step's lr is part of the graph: a new lr (once per epoch) captures it again.
+    - 'manual': the graph's step run eagerly (hand collectives, no capture); on CPU it lets the
+      tests compare the graph's arithmetic with the DDP step on gloo processes.
+    Call with the views and keyword tensors (lam, draws); returns (loss, [acc@1, acc@5]) as device
+    tensors, nothing read back.
+    """
+
+    def __init__(self, model, optimizer, mode='ddp', device_ids=None, warmup_steps=3):
+        if mode not in ('ddp', 'graph', 'manual'):
+            raise ValueError(f'TrainStep mode {mode!r} is not ddp, graph or manual')
+        self.model, self.optimizer, self.mode = model, optimizer, mode
+        self.device = next(model.parameters()).device
+        if mode == 'graph' and self.device.type != 'cuda':
+            raise ValueError('CUDA graphs need the model on a CUDA device')
+        self.train_model = model
+        if mode == 'ddp' and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            self.train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        self.warmup_steps = warmup_steps
+        self.steps = 0
+        self.graph = None
+
+    def _inputs(self, inputs):
+        """lam and draws as tensors on the device (draws: a dict of tensors)."""
+        moved = {}
+        for key, value in inputs.items():
+            if isinstance(value, dict):
+                moved[key] = {k: _to_device(v, self.device) for k, v in value.items()}
+            else:
+                moved[key] = _to_device(value, self.device)
+        return moved
+
+    def _manual_step(self, views, inputs):
+        from utils import dist  # models.fast has no other dependency on the process group
+        dist.broadcast_buffers(self.model)
+        loss, accuracy = self.model(*views, **inputs)
+        loss.backward()
+        dist.average_gradients(self.model.student.parameters())
+        self.optimizer.step()
+        return loss, accuracy
+
+    def __call__(self, views, **inputs):
+        if 'draws' not in inputs:  # the step's random draws, made on the host (see draw())
+            inputs['draws'] = self.model.draw(views[0].shape[0], views[0].shape[-1])
+        inputs = self._inputs(inputs)
+        self.steps += 1
+        if self.mode == 'ddp':
+            loss, accuracy = self.train_model(*views, **inputs)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            return loss, accuracy
+        if self.mode == 'manual':
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._manual_step(views, inputs)
+        lrs = [group['lr'] for group in self.optimizer.param_groups]
+        if self.graph is not None and lrs != self.graph_lrs:
+            self.graph = None  # the lr is baked into the captured SGD kernels
+        if self.graph is None and self.steps <= self.warmup_steps:
+            return self._warmup(views, inputs)
+        if self.graph is None:
+            self._capture(views, inputs, lrs)
+        for static, view in zip(self.static_views, views):
+            static.copy_(view, non_blocking=True)
+        _copy_nested(self.static_inputs, inputs)
+        self.graph.replay()
+        return self.loss.clone(), [a.clone() for a in self.accuracy]
+
+    def _warmup(self, views, inputs):
+        """An eager step on a side stream, as torch.cuda.graph's documentation asks before a capture
+        (cuDNN autotuning, lazy initialisation, the optimizer's momentum buffers)."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss, accuracy = self._manual_step(views, inputs)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        return loss, accuracy
+
+    def _capture(self, views, inputs, lrs):
+        self.graph = None  # frees the previous graph's memory pool first
+        self.static_views = [view.clone() for view in views]
+        self.static_inputs = _clone_nested(inputs)
+        self.optimizer.zero_grad(set_to_none=True)  # backward allocates the gradients inside the graph
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss, self.accuracy = self._manual_step(self.static_views, self.static_inputs)
+        self.graph_lrs = lrs
+
+
+def _clone_nested(inputs):
+    return {k: _clone_nested(v) if isinstance(v, dict) else v.clone() for k, v in inputs.items()}
+
+
+def _copy_nested(static, inputs):
+    if static.keys() != inputs.keys():
+        raise ValueError(f'step inputs changed from {sorted(static)} to {sorted(inputs)}')
+    for key, value in inputs.items():
+        if isinstance(value, dict):
+            _copy_nested(static[key], value)
+        else:
+            static[key].copy_(value, non_blocking=True)

@@ -15,8 +15,8 @@ def _gather_and_shuffle(rank, out_dir):
     x = torch.arange(6, dtype=torch.float32).view(3, 2) + 100 * rank  # rank-specific rows
     gathered = dist.all_gather_cat(x)
     assert torch.equal(gathered, torch.cat([torch.arange(6.).view(3, 2), torch.arange(6.).view(3, 2) + 100]))
-    torch.manual_seed(rank)  # ranks draw different permutations: the broadcast must win
-    shuffled, perm = dist.shuffle_across_node(x)
+    perm = torch.randperm(6, generator=torch.Generator().manual_seed(3))  # alike on every rank
+    shuffled = dist.shuffle_across_node(x, perm)
     # A row-wise function evaluated on the shuffled batch, then put back in this rank's order.
     restored = dist.unshuffle(shuffled * 2 + 1, perm)
     assert torch.equal(restored, x * 2 + 1)
@@ -34,7 +34,8 @@ def test_shuffle_bn_mixes_ranks_and_unshuffles(tmp_path):
 
 def test_single_process_shuffle_is_a_permutation():
     x = torch.randn(5, 3)
-    shuffled, perm = dist.shuffle_across_node(x)
+    perm = torch.randperm(5)
+    shuffled = dist.shuffle_across_node(x, perm)
     assert torch.equal(shuffled, x[perm])
     assert torch.equal(dist.unshuffle(shuffled, perm), x)
 

@@ -85,35 +85,65 @@ def all_gather_cat(tensor: torch.Tensor, group=None) -> torch.Tensor:
     return torch.cat(gathered)
 
 
+def node_size() -> int:
+    """Processes on this node: the ranks whose batches shuffle BN mixes."""
+    return dist.get_world_size(_node_group) if is_dist() else 1
+
+
 @torch.no_grad()
-def shuffle_across_node(x: torch.Tensor):
+def shuffle_across_node(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """Give this rank a random slice of the node's whole batch (MoCo's shuffle BN).
 
-    Every rank of the node gathers the node batch, rank 0 of the node draws one permutation and
-    broadcasts it, and each rank keeps its slice. Returns (this rank's shuffled slice, the
-    permutation) for `unshuffle`.
+    perm: a permutation of the node batch (node_size() * B rows) on x's device, the same on every
+    rank of the node (drawn from a generator seeded alike everywhere). Every rank gathers the node
+    batch and keeps its slice of the permuted rows; `unshuffle` undoes it.
     """
     group = _node_group
-    size = dist.get_world_size(group) if is_dist() else 1
-    if size == 1:
-        perm = torch.randperm(x.shape[0], device=x.device)
-        return x[perm], perm
+    if node_size() == 1:
+        return x[perm]
     node_batch = all_gather_cat(x, group)  # (size * B, ...)
-    perm = torch.randperm(node_batch.shape[0], device=x.device)
-    dist.broadcast(perm, src=dist.get_global_rank(group, 0), group=group)
-    rank = dist.get_rank(group)
-    b = x.shape[0]
-    return node_batch[perm[rank * b:(rank + 1) * b]], perm
+    rank, b = dist.get_rank(group), x.shape[0]
+    return node_batch[perm[rank * b:(rank + 1) * b]]
 
 
 @torch.no_grad()
 def unshuffle(y: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """Undo `shuffle_across_node` on the output: return the rows of this rank's original inputs."""
     group = _node_group
-    size = dist.get_world_size(group) if is_dist() else 1
-    if size == 1:
+    if node_size() == 1:
         return y[torch.argsort(perm)]
     node_out = all_gather_cat(y, group)  # rows in shuffled order
-    rank = dist.get_rank(group)
-    b = y.shape[0]
+    rank, b = dist.get_rank(group), y.shape[0]
     return node_out[torch.argsort(perm)[rank * b:(rank + 1) * b]]
+
+
+def _coalesced(tensors, collective):
+    """Run `collective` on one flat buffer per dtype holding `tensors`, then copy back."""
+    by_dtype = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        collective(flat)
+        for t, piece in zip(group, flat.split([t.numel() for t in group])):
+            t.copy_(piece.view_as(t))
+
+
+@torch.no_grad()
+def average_gradients(parameters):
+    """Mean of every parameter's gradient over the ranks, as DDP reduces them (sum / world)."""
+    if not is_dist():
+        return
+    world = get_world_size()
+
+    def mean(flat):
+        dist.all_reduce(flat)
+        flat.div_(world)
+    _coalesced([p.grad for p in parameters if p.grad is not None], mean)
+
+
+@torch.no_grad()
+def broadcast_buffers(module):
+    """Rank 0's buffers to every rank, as DDP does before each forward (broadcast_buffers=True)."""
+    if is_dist():
+        _coalesced(list(module.buffers()), lambda flat: dist.broadcast(flat, src=0))

@@ -11,12 +11,14 @@ import hashlib
 import os
 import time
 
+import numpy as np
 import torch
 from absl import app, flags
 
 from data.folder import ImageFolder
-from data.neighbours import bag_precision, save_neighbours
-from data.transforms import eval_transform
+from data.jpeg_bags import EncodedEvalBatches, EncodedTwoViewDataset
+from data.neighbours import bag_precision, load_neighbours, save_neighbours
+from data.transforms import eval_transform, resize_size
 from models import ARCHS, load_backbone
 from models.checkpoints import FORMATS
 from utils import dist, knn
@@ -34,6 +36,14 @@ flags.DEFINE_integer('workers', 8, 'DataLoader workers per process.')
 flags.DEFINE_integer('image_size', 224, 'Centre-crop size (Resize to size*256/224 first).')
 flags.DEFINE_string('output', None, 'Neighbour file to write (.npy; a .json sidecar goes beside it).')
 flags.DEFINE_enum('knn_backend', 'auto', knn.BACKENDS, 'Exact search engine.')
+flags.DEFINE_integer('chunk_size', 4096, 'Queries per chunk of the torch search: its peak GPU memory is '
+                     'utils.knn.fast_search_bytes(N, D, chunk_size).')
+flags.DEFINE_enum('data_pipeline', 'cpu', ['cpu', 'gpu'], 'cpu: PIL in the workers (released); gpu: nvJPEG '
+                  'decoding, resize and centre crop on the device (within a grey level of PIL).')
+flags.DEFINE_enum('precision', 'fp32', ['fp32', 'bf16'], 'Teacher arithmetic: fp32 (released) or bf16 autocast.')
+flags.DEFINE_bool('channels_last', False, 'Channels-last teacher and images.')
+flags.DEFINE_string('reference_neighbours', None, 'A neighbour file of the same data made with the default '
+                    'settings: prints the share of rows the new bags share with it (to judge the opt-ins).')
 flags.DEFINE_string('device', 'auto', "'auto' (CUDA when available), 'cuda' or 'cpu'.")
 flags.DEFINE_integer('report_freq', 20, 'Print progress every this many batches.')
 flags.mark_flags_as_required(['data_dir', 'teacher', 'output'])
@@ -57,8 +67,20 @@ def main(argv):
         raise app.UsageError(f'--clus_pos_num={k} must be in [1, {len(folder) - 1}] for the '
                              f'{len(folder)} images of {folder.root}')
     teacher = load_backbone(FLAGS.teacher_arch, FLAGS.teacher, FLAGS.teacher_format).to(info.device).eval()
-    loader, sampler = make_loader(folder, FLAGS.batch_size, FLAGS.workers, train=False)
-    shard, _ = embed(teacher, loader, info.device, {'stage': 'embed'}, FLAGS.report_freq)
+    memory_format = torch.channels_last if FLAGS.channels_last else torch.contiguous_format
+    teacher.to(memory_format=memory_format)
+
+    def network(images):  # the teacher with the chosen arithmetic; features in fp32
+        with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=FLAGS.precision == 'bf16'):
+            return teacher(images.contiguous(memory_format=memory_format)).float()
+
+    if FLAGS.data_pipeline == 'gpu':
+        loader, sampler = make_loader(EncodedTwoViewDataset(folder), FLAGS.batch_size, FLAGS.workers, train=False)
+        loader = EncodedEvalBatches(loader, folder.targets, info.device, FLAGS.image_size,
+                                    resize_size(FLAGS.image_size))
+    else:
+        loader, sampler = make_loader(folder, FLAGS.batch_size, FLAGS.workers, train=False)
+    shard, _ = embed(network, loader, info.device, {'stage': 'embed'}, FLAGS.report_freq)
     features = gather_by_index(shard, list(sampler), len(folder))  # (N, d) on every rank
     embed_seconds = time.time() - start
 
@@ -67,7 +89,8 @@ def main(argv):
     share = -(-n // world)
     begin, end = min(info.rank * share, n), min((info.rank + 1) * share, n)
     search_start = time.time()
-    rows = torch.as_tensor(knn.neighbours_excluding_self(features, k, FLAGS.knn_backend, (begin, end)))
+    rows = torch.as_tensor(knn.neighbours_excluding_self(features, k, FLAGS.knn_backend, (begin, end),
+                                                         chunk_size=FLAGS.chunk_size))
     rows = torch.cat([rows, rows.new_zeros(share - rows.shape[0], k)]).to(info.device)
     neighbours = dist.all_gather_cat(rows)[:n].cpu().numpy()
     search_seconds = time.time() - search_start
@@ -79,10 +102,18 @@ def main(argv):
             'teacher_sha256': file_sha256(FLAGS.teacher), 'feature_dim': features.shape[1],
             'dataset_root': os.path.abspath(folder.root), 'dataset_fingerprint': folder.fingerprint(),
             'backend': FLAGS.knn_backend, 'world_size': world, 'bag_precision': precision,
-            'embed_seconds': round(embed_seconds, 2), 'search_seconds': round(search_seconds, 2)})
-        print(f'wrote {FLAGS.output}: {n} x {k} neighbours; embedding {embed_seconds:.1f}s, '
-              f'search {search_seconds:.1f}s; bag precision {precision:.4f} '
-              f'(share of neighbours in their anchor\'s class folder)', flush=True)
+            'embed_seconds': round(embed_seconds, 2), 'search_seconds': round(search_seconds, 2),
+            'data_pipeline': FLAGS.data_pipeline, 'precision': FLAGS.precision,
+            'channels_last': FLAGS.channels_last})
+        print(f'wrote {FLAGS.output}: {n} x {k} neighbours; embedding {embed_seconds:.1f}s '
+              f'({n / embed_seconds:.0f} images/s), search {search_seconds:.1f}s; bag precision '
+              f'{precision:.4f} (share of neighbours in their anchor\'s class folder)', flush=True)
+        if FLAGS.reference_neighbours:
+            reference = load_neighbours(FLAGS.reference_neighbours, n, folder.fingerprint())
+            same = (np.asarray(reference)[:, :k] == neighbours).all(axis=1).mean()
+            same_set = (np.sort(np.asarray(reference)[:, :k], 1) == np.sort(neighbours, 1)).all(axis=1).mean()
+            print(f'rows equal to {FLAGS.reference_neighbours}: {same:.4f} (same neighbours in any order: '
+                  f'{same_set:.4f})', flush=True)
     dist.barrier()
     dist.cleanup()
 

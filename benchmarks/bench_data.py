@@ -13,11 +13,15 @@ quality 90, --encoding=original copies the bytes as shipped.
 
 For each pipeline and worker count it times `--steps` batches after `--warmup_steps`:
 - data: the loader plus what turns a batch into the four view tensors on the device
-  (cpu: PIL decode + augmentation in the workers, then the copy; gpu: bytes in the workers,
-  then decode + augmentation on the device);
+  (data.jpeg_bags.views_on_device, as main_distill.py; cpu: PIL decode + augmentation in the
+  workers, then the copy; gpu: files in the workers, then decode + augmentation on the device,
+  one batch ahead on a side stream);
 - data + step (--train): the same followed by main_distill's BINGO training step
-  (models.distill; ResNet-18 student, randomly initialised ResNet-50 teacher, MoCo v2 head);
-and, with --train, the training step alone on fixed views. Prints a table and writes --json.
+  (models.fast.TrainStep; ResNet-18 student, randomly initialised ResNet-50 teacher, MoCo v2
+  head), with --fast as the trainer's --fast (bf16, channels-last, fast views, CUDA graph);
+and, with --train, the training step alone on fixed views. On CUDA it first times the GPU
+pipeline's two parts on single batches: decoding (nvJPEG) and the views. Prints a table and
+writes --json.
 """
 import glob
 import io
@@ -35,10 +39,12 @@ from PIL import Image
 
 from data.bags import BagDataset
 from data.folder import ImageFolder
-from data.jpeg_bags import EncodedBagDataset, gpu_views
+from data import gpu_augment
+from data.jpeg_bags import EncodedBagDataset, decode_images, views_on_device
 from data.transforms import moco_v2_augmentation
 from models import ARCHS, Embedder, build_backbone, build_student, moco_head
-from models.distill import build_training_module, student_optimizer, train_step
+from models.distill import build_training_module, student_optimizer
+from models.fast import TrainStep
 from utils.training import make_loader
 
 FLAGS = flags.FLAGS
@@ -59,7 +65,7 @@ flags.DEFINE_bool('train', False, 'Also time data + training step, and the train
 flags.DEFINE_enum('arch', 'resnet18', ARCHS, 'Student backbone.')
 flags.DEFINE_enum('teacher_arch', 'resnet50', ARCHS, 'Teacher backbone (random weights).')
 flags.DEFINE_integer('queue_size', 16384, 'Queue length of the training step.')
-flags.DEFINE_enum('precision', 'fp32', ['fp32', 'bf16'], 'Training step arithmetic.')
+flags.DEFINE_bool('fast', True, "The training step as main_distill.py --fast (CUDA); else fp32, eager.")
 flags.DEFINE_string('device', 'auto', "'auto' (CUDA when available), 'cuda' or 'cpu'.")
 flags.DEFINE_string('json', None, 'Write the results here as JSON.')
 
@@ -122,14 +128,17 @@ def random_neighbours(n, k=5, seed=0):
 
 
 def build_step(device):
-    """main_distill's BINGO step (models.distill) with a randomly initialised teacher: timings
-    do not depend on weights."""
+    """main_distill's BINGO step (models.fast.TrainStep) with a randomly initialised teacher:
+    timings do not depend on weights."""
     backbone = build_backbone(FLAGS.teacher_arch)
     teacher = Embedder(backbone, moco_head(backbone.feature_dim))
+    fast = FLAGS.fast and device.type == 'cuda'
+    torch.backends.cudnn.benchmark = fast
     model = build_training_module('bingo', build_student(FLAGS.arch), teacher, queue_size=FLAGS.queue_size,
-                                  precision=FLAGS.precision).to(device)
-    optimizer = student_optimizer(model, 0.03)
-    return lambda views: train_step(model, optimizer, views, lam=(0.5, 0.5))
+                                  precision='bf16' if fast else 'fp32', channels_last=fast,
+                                  fast_views=fast).to(device)
+    train_step = TrainStep(model, student_optimizer(model, 0.03), 'graph' if fast else 'ddp')
+    return lambda views: train_step(views, lam=(0.5, 0.5))
 
 
 def sync(device):
@@ -137,14 +146,14 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def timed(batches, to_views, step, device):
-    """Samples/s over FLAGS.steps batches after FLAGS.warmup_steps; checks the last views."""
+def timed(batches, step, device):
+    """Samples/s over FLAGS.steps batches of views after FLAGS.warmup_steps; checks the last views."""
     it = iter(batches)
     for n in range(FLAGS.warmup_steps + FLAGS.steps):
         if n == FLAGS.warmup_steps:
             sync(device)
             start = time.perf_counter()
-        views = to_views(next(it))
+        views = next(it)
         if step is not None:
             step(views)
     sync(device)
@@ -153,6 +162,26 @@ def timed(batches, to_views, step, device):
     if len(views) != 4 or any(v.shape != expected or not torch.isfinite(v).all() for v in views):
         raise RuntimeError(f'bad views: {[tuple(v.shape) for v in views]}')
     return FLAGS.steps * FLAGS.batch_size / elapsed
+
+
+def gpu_parts(dataset, device, batches=5):
+    """Milliseconds per batch of the GPU pipeline's decoding and views, each synchronised, over
+    `batches` batches after one warm-up (compiling the colour ops); the batch's JPEG and view counts."""
+    loader, _ = make_loader(dataset, FLAGS.batch_size, 4, train=True)
+    decode_ms, views_ms = [], []
+    for n, batch in zip(range(batches + 1), loader):
+        encoded = list(batch['data'].split(batch['lengths'].tolist()))
+        sync(device)
+        start = time.perf_counter()
+        images = decode_images(encoded, batch['path'], device, batch['jpeg'].tolist())
+        sync(device)
+        middle = time.perf_counter()
+        gpu_augment.moco_v2_views(images, FLAGS.image_size, views_per_image=2)
+        sync(device)
+        if n:
+            decode_ms.append(1000 * (middle - start))
+            views_ms.append(1000 * (time.perf_counter() - middle))
+    return float(np.median(decode_ms)), float(np.median(views_ms)), len(encoded), 2 * len(encoded)
 
 
 def main(argv):
@@ -169,18 +198,19 @@ def main(argv):
           f'{FLAGS.image_size} px, device {device}, {os.cpu_count()} CPUs', flush=True)
     step = build_step(device) if FLAGS.train else None
 
-    def to_views(pipeline):
-        if pipeline == 'gpu':
-            return lambda batch: gpu_views(batch, device, FLAGS.image_size)
-        return lambda batch: [v.to(device, non_blocking=True) for v in batch[:4]]
-
     results = []
     if FLAGS.train:
         fixed = [torch.randn(FLAGS.batch_size, 3, FLAGS.image_size, FLAGS.image_size, device=device)
                  for _ in range(4)]
-        rate = timed(iter(lambda: fixed, None), lambda views: views, step, device)
+        rate = timed(iter(lambda: fixed, None), step, device)
         results.append({'pipeline': 'none', 'workers': 0, 'what': 'step only', 'samples_per_s': rate})
         print(f'training step alone: {rate:8.1f} samples/s', flush=True)
+    if 'gpu' in FLAGS.pipelines and device.type == 'cuda':
+        decode_ms, views_ms, jpegs, views = gpu_parts(EncodedBagDataset(folder, neighbours), device)
+        results.append({'pipeline': 'gpu', 'what': 'parts', 'decode_ms': decode_ms, 'views_ms': views_ms,
+                        'jpegs': jpegs, 'views': views})
+        print(f'gpu pipeline parts, per batch: decode {decode_ms:.1f} ms ({jpegs} JPEGs), '
+              f'views {views_ms:.1f} ms ({views} views)', flush=True)
     for pipeline in FLAGS.pipelines:
         if pipeline == 'gpu':
             dataset = EncodedBagDataset(folder, neighbours)
@@ -190,7 +220,8 @@ def main(argv):
             for what, what_step in [('data', None)] + ([('data + step', step)] if FLAGS.train else []):
                 torch.manual_seed(0)
                 loader, _ = make_loader(dataset, FLAGS.batch_size, workers, train=True)
-                rate = timed(loader, to_views(pipeline), what_step, device)
+                batches = views_on_device(loader, pipeline, device, FLAGS.image_size, 4)
+                rate = timed(batches, what_step, device)
                 results.append({'pipeline': pipeline, 'workers': workers, 'what': what, 'samples_per_s': rate})
                 print(f'{pipeline} pipeline, {workers:2d} workers, {what:11s}: {rate:8.1f} samples/s '
                       f'({rate / max(workers, 1):6.1f} per worker)', flush=True)
@@ -198,7 +229,7 @@ def main(argv):
         record = {'device': str(device), 'cuda_name': torch.cuda.get_device_name(device) if device.type == 'cuda' else None,
                   'cpus': os.cpu_count(), 'flags': {k: FLAGS[k].value for k in (
                       'num_images', 'encoding', 'batch_size', 'image_size', 'steps', 'warmup_steps', 'arch',
-                      'teacher_arch', 'precision')}, 'results': results}
+                      'teacher_arch', 'fast')}, 'results': results}
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
         tmp = FLAGS.json + '.tmp'
         with open(tmp, 'w') as f:

@@ -1,23 +1,24 @@
 #!/usr/bin/env bash
-# The GPU half of BENCHMARKS.md, one command on one CUDA device (python3 with torch, torchvision,
-# absl-py, numpy; no pytest, no network). About 5 minutes on one H100; every stage has a time
-# limit and the whole script stops starting stages after 7 minutes.
-#   1. check_gpu.py: the fast step computes the released step on this GPU (PASS/FAIL lines);
-#   2. bench_step.py, eager: reference vs bf16 vs fast at 128 and 32 per GPU (ResNet-18 student,
-#      ResNet-50 teacher, 224 px, K = 65 536);
-#   3. bench_knn.py: exact kNN engines (owned by the kNN half; see its own docstring);
-#   4. bench_step.py, compiled: reference vs fast_compile at 128 and 32 (compiling takes minutes).
-# Output: $OUT (default benchmarks/out)/run_gpu.log and step_*.json. Exits 1 if any stage fails,
-# times out or is skipped.
+# The GPU numbers of BENCHMARKS.md, one command on one CUDA device (python3 with torch,
+# torchvision, absl-py, numpy, Pillow; no network). About 5 minutes on one H100; every stage has a
+# time limit and no stage starts after $BUDGET seconds (default 420).
+#   1. bench_step.py: reference vs fast (eager) vs --fast (CUDA graph) at 32 and 128 per GPU
+#      (ResNet-18 student, ResNet-50 teacher, 224 px, K = 65 536), first-step loss checked;
+#   2. bench_knn.py: stage 1's search at 1 281 167 x 2048 and x 4096, uniform and clustered,
+#      sampled rows checked against the exact float64 search, seconds and peak memory;
+#   3. bench_data.py: the GPU pipeline's decode and views per batch, data alone and data + --fast
+#      step for both pipelines (real ImageNet JPEGs from datasets/foolbox-3.3.4-py3-none-any.whl).
+# Output: $OUT (default benchmarks/out)/run_gpu.log and JSON files. Exits 1 if a stage fails or
+# is skipped.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore::DeprecationWarning
 PYTHON=${PYTHON:-python3}
 OUT=${OUT:-benchmarks/out}
 mkdir -p "$OUT"
-exec > >(tee "$OUT/run_gpu.log") 2>&1
+exec > >(tee -a "$OUT/run_gpu.log") 2>&1
 
-DEADLINE=$((SECONDS + 460))
+DEADLINE=$((SECONDS + ${BUDGET:-420}))
 status=0
 stage() {  # stage LIMIT_S CMD...: run CMD for at most LIMIT_S seconds (less if the deadline is near)
   local limit=$1 left=$((DEADLINE - SECONDS))
@@ -40,12 +41,13 @@ date -u +%Y-%m-%dT%H:%M:%SZ
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 "$PYTHON" -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__, "cuda", torch.version.cuda)'
 
-STEP=(benchmarks/bench_step.py --device=cuda --arch=resnet18 --teacher_arch=resnet50 --image_size=224 --queue_size=65536)
-stage 90 "$PYTHON" benchmarks/check_gpu.py
-stage 60 "$PYTHON" "${STEP[@]}" --batch_size=128 --modes=reference,bf16,fast --json="$OUT/step_b128_eager.json"
-stage 60 "$PYTHON" "${STEP[@]}" --batch_size=32 --modes=reference,bf16,fast --json="$OUT/step_b32_eager.json"
-stage 220 "$PYTHON" benchmarks/bench_knn.py --device=cuda --n=1281167 --dim=2048 --k=5 --backends=torch,torch_fast
-stage 200 "$PYTHON" "${STEP[@]}" --batch_size=128 --modes=reference,fast_compile --json="$OUT/step_b128_compile.json"
-stage 170 "$PYTHON" "${STEP[@]}" --batch_size=32 --modes=reference,fast_compile --json="$OUT/step_b32_compile.json"
+STEP=(-m benchmarks.bench_step --device=cuda --arch=resnet18 --teacher_arch=resnet50 --image_size=224 --queue_size=65536 --modes=reference,fast,graph)
+for b in ${STEP_BATCHES:-32 128}; do
+  stage 90 "$PYTHON" "${STEP[@]}" --batch_size="$b" --json="$OUT/step_b$b.json"
+done
+stage 200 "$PYTHON" -m benchmarks.bench_knn --cases="${KNN_CASES:-uniform:2048,clustered:2048,uniform:4096}" \
+  --json="$OUT/knn.json"
+stage 150 "$PYTHON" -m benchmarks.bench_data --source=datasets/foolbox-3.3.4-py3-none-any.whl --train \
+  --workers=8,16 --steps=15 --json="$OUT/data.json"
 echo "run_gpu.sh: $([ $status = 0 ] && echo PASS || echo FAIL) after ${SECONDS}s"
 exit $status

@@ -116,14 +116,17 @@ def sample_view_params(sizes, generator=None):
     )
 
 
-def _resampling_weights(start, length, in_size, out_size):
+def _resampling_weights(start, length, in_size, out_size, resized=None, offset=None):
     """(V, out_size, in_size) weights that resize pixels [start, start + length) of a line of
-    in_size pixels to out_size pixels, as torch's interpolate(antialias=True) and PIL's BILINEAR
-    do: a triangle filter stretched by the downscale factor, renormalised over the crop."""
+    in_size pixels to `resized` pixels (default out_size) and keep out_size of them from `offset`
+    (default 0), as torch's interpolate(antialias=True) and PIL's BILINEAR do: a triangle filter
+    stretched by the downscale factor, renormalised over the crop."""
     start = start.to(torch.float32)[:, None, None]
     length = length.to(torch.float32)[:, None, None]
-    scale = length / out_size
-    centre = (torch.arange(out_size, device=start.device) + 0.5)[:, None] * scale  # (V, out, 1)
+    resized = length.new_full(length.shape, out_size) if resized is None else resized.to(torch.float32)[:, None, None]
+    offset = 0 if offset is None else offset.to(torch.float32)[:, None, None]
+    scale = length / resized
+    centre = (torch.arange(out_size, device=start.device)[:, None] + offset + 0.5) * scale  # (V, out, 1)
     pixel = torch.arange(in_size, device=start.device) + 0.5 - start  # (V, 1, in), crop coordinates
     weight = (pixel - centre).abs_().div_(scale.clamp(min=1.0)).neg_().add_(1.0).clamp_(min=0.0)
     weight.mul_((pixel > 0) & (pixel < length))
@@ -164,7 +167,8 @@ def _stacked(images, dtype):
     return padded
 
 
-def resized_crops(images, boxes, flip, size, views_per_image=1, max_elements=2**28, dtype=None):
+def resized_crops(images, boxes, flip, size, views_per_image=1, max_elements=2**28, dtype=None,
+                  resized=None, offset=None):
     """Crop each view's box from its source and resize it to size x size with antialiasing.
 
     images: list of (3, H_n, W_n) tensors, uint8 (0-255) or float (0-1), sizes may differ;
@@ -175,6 +179,8 @@ def resized_crops(images, boxes, flip, size, views_per_image=1, max_elements=2**
     (size x W) resampling matrix per view, applied to the group's images (zero-padded where their
     sizes differ); groups keep the padded copy under max_elements however large one image is.
     dtype: of the products; default fp16 on CUDA (FP16_RESAMPLING_ERROR), else fp32.
+    resized, offset: (V, 2) heights and widths that the boxes are resized to, and where the
+    size x size output starts in them (default: the box resized to size x size).
     """
     device = images[0].device
     dtype = dtype or (torch.float16 if device.type == 'cuda' else torch.float32)
@@ -186,8 +192,11 @@ def resized_crops(images, boxes, flip, size, views_per_image=1, max_elements=2**
         pixels = _stacked([images[n] for n in group], dtype)                  # (n, H, 3, W)
         n, height, _, width = pixels.shape
         views = (torch.tensor(group, device=device)[:, None] * k + torch.arange(k, device=device)).view(-1)
-        rows = _resampling_weights(boxes[views, 0], boxes[views, 2], height, size).to(dtype)  # (n*k, S, H)
-        cols = _resampling_weights(boxes[views, 1], boxes[views, 3], width, size)             # (n*k, S, W)
+        geometry = [None if g is None else g.to(device)[views] for g in (resized, offset)]
+        rows = _resampling_weights(boxes[views, 0], boxes[views, 2], height, size,   # (n*k, S, H)
+                                   *[None if g is None else g[:, 0] for g in geometry]).to(dtype)
+        cols = _resampling_weights(boxes[views, 1], boxes[views, 3], width, size,    # (n*k, S, W)
+                                   *[None if g is None else g[:, 1] for g in geometry])
         cols = torch.where(flip[views, None, None], cols.flip(1), cols).to(dtype)
         tall = torch.bmm(rows.view(n, k * size, height), pixels.view(n, height, 3 * width))
         small = torch.bmm(tall.view(n * k, size * 3, width), cols.transpose(1, 2))  # (n*k, S*3, S)
@@ -321,6 +330,27 @@ def augment(images, params, size, views_per_image=1):
     x = resized_crops(images, p.boxes, p.flip, size, views_per_image)
     kernel = _on(device, blur_kernels(params.sigma).float())
     return _finishing(device)(x, p.jitter, p.factors, p.order, p.gray, p.blur, kernel)
+
+
+def centre_crops(images, size, resize):
+    """Stage 1's (and stage 3's val) transform on tensors: Resize(resize) (shorter side, the longer
+    in proportion, as torchvision computes it), CenterCrop(size), normalisation. images: list of
+    (3, H, W) uint8 tensors. Returns (N, 3, size, size) float32. Against the PIL path: no rounding
+    to uint8 after the resize (within one grey level), fp16 resampling on CUDA."""
+    shapes = torch.tensor([img.shape[1:] for img in images])                   # (N, 2) H, W
+    short, long = shapes.amin(1), shapes.amax(1)
+    new_long = (resize * long.double() / short.double()).long()                 # int(), as torchvision
+    resized = torch.where((shapes[:, 0] <= shapes[:, 1])[:, None],
+                          torch.stack([torch.full_like(short, resize), new_long], 1),
+                          torch.stack([new_long, torch.full_like(short, resize)], 1))
+    offset = torch.round((resized - size).double() / 2).long()                 # round(), as CenterCrop
+    boxes = torch.cat([torch.zeros_like(shapes), shapes], 1)                     # the whole image
+    device = images[0].device
+    x = resized_crops(images, boxes, torch.zeros(len(images), dtype=torch.bool), size,
+                      resized=resized, offset=offset)
+    mean = torch.tensor(MEAN, device=device)[:, None, None]
+    std = torch.tensor(STD, device=device)[:, None, None]
+    return (x - mean) / std
 
 
 def moco_v2_views(images, size, views_per_image=2, generator=None):

@@ -19,7 +19,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from data.folder import DataError
-from data.gpu_augment import moco_v2_views
+from data.gpu_augment import centre_crops, moco_v2_views
 
 _STANDALONE_MARKERS = {0x01, *range(0xD0, 0xD8)}  # TEM, RST0-7: no length field
 _NOT_FRAME_MARKERS = {0xC4, 0xC8, 0xCC}  # DHT, JPG, DAC share the SOFn range
@@ -252,3 +252,21 @@ def _handed_over(views, ready, stream):
     for view in views:
         view.record_stream(stream)
     return views
+
+
+class EncodedEvalBatches:
+    """Batches of an EncodedTwoViewDataset loader as (images, targets): decoded on `device` and
+    resized and centre-cropped there (gpu_augment.centre_crops), the stage 1 transform."""
+
+    def __init__(self, loader, targets, device, image_size, resize):
+        self.loader, self.targets = loader, torch.as_tensor(targets)
+        self.device, self.image_size, self.resize = device, image_size, resize
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            encoded = list(batch['data'].split(batch['lengths'].tolist()))
+            images = decode_images(encoded, batch['path'], self.device, batch['jpeg'].tolist())
+            yield centre_crops(images, self.image_size, self.resize), self.targets[batch['index'][:, 0]]

@@ -11,7 +11,7 @@ MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
 
-def _resize_size(image_size):
+def resize_size(image_size):
     """The short side before the centre crop: 256 for 224, in proportion otherwise."""
     return round(image_size * 256 / 224)
 
@@ -33,7 +33,7 @@ class GaussianBlur:
 def eval_transform(image_size=224):
     """Stage 1 features and the stage 3 val split: Resize(256) -> CenterCrop(224) at 224."""
     return transforms.Compose([
-        transforms.Resize(_resize_size(image_size)),
+        transforms.Resize(resize_size(image_size)),
         transforms.CenterCrop(image_size),
         transforms.ToTensor(),
         transforms.Normalize(MEAN, STD),

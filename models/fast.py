@@ -189,7 +189,8 @@ class TrainStep:
         self.static_inputs = _clone_nested(inputs)
         self.optimizer.zero_grad(set_to_none=True)  # backward allocates the gradients inside the graph
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: the DataLoader's pin-memory thread keeps calling CUDA during the capture.
+        with torch.cuda.graph(self.graph, capture_error_mode='thread_local'):
             self.loss, self.accuracy = self._manual_step(self.static_views, self.static_inputs)
         self.graph_lrs = lrs
 

@@ -499,8 +499,19 @@ def hazard_trials(decode, trials=40, side=256):
 
 
 @needs_cuda
-def test_decode_never_overwrites_memory_that_queued_kernels_read():
+def test_cuda_decode_never_overwrites_memory_that_queued_kernels_read():
     ours = hazard_trials(lambda data: decode_images(data, ['hazard.jpg'], 'cuda', [True]))
     raw = hazard_trials(lambda data: decode_jpeg(data, device='cuda'))
     print(f'nvJPEG stream hazard: torchvision decode_jpeg corrupted {raw}/40 trials, decode_images {ours}/40')
     assert ours == 0
+
+
+@pytest.mark.parametrize('shape', [(40, 56), (64, 48), (23, 31)])
+def test_centre_crops_match_the_stage_one_pil_transform(shape):
+    from data.transforms import eval_transform
+    img = to_uint8(smooth_image(torch.Generator().manual_seed(15), *shape))
+    ours = ga.centre_crops([img], 16, 18)[0]
+    pil = eval_transform(16)  # Resize(round(16 * 256 / 224) = 18) + CenterCrop(16)
+    expected = pil(to_pil(img))
+    # PIL rounds the resized image to uint8: within one grey level, in normalised units.
+    torch.testing.assert_close(ours, expected, atol=1.0 / 255 / min(STD) + 1e-5, rtol=0)

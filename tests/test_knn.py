@@ -1,6 +1,5 @@
 import sys
 
-import faiss
 import numpy as np
 import pytest
 import torch
@@ -38,6 +37,7 @@ def assert_same_neighbours(features, queries, indices, expected, tie_tolerance=1
 
 
 def test_torch_reference_matches_faiss_flat_l2():
+    faiss = pytest.importorskip('faiss')  # absent on the GPU machines of benchmarks/gpu_smoke.sh
     features = random_features()
     index = faiss.IndexFlatL2(features.shape[1])
     index.add(features.numpy())
@@ -78,7 +78,8 @@ def test_fast_path_unnormalised_and_chunked():
     assert_same_neighbours(features, features, indices, expected)
 
 
-BACKEND_CASES = [('torch', False), ('torch', True), ('faiss', None)]
+needs_faiss = pytest.mark.skipif(knn._import_faiss() is None, reason='faiss is not installed')
+BACKEND_CASES = [('torch', False), ('torch', True), pytest.param('faiss', None, marks=needs_faiss)]
 
 
 @pytest.mark.parametrize('backend,fast', BACKEND_CASES)
@@ -226,3 +227,13 @@ def test_error_bound_covers_every_pair_and_memory_is_data_independent():
     # Peak memory: a function of (N, D, chunk) alone; ImageNet x SwAV R-50w2 fits a 40 GB A100.
     assert knn.fast_search_bytes(1_281_167, 4096, 4096) <= 40 * 2**30
     assert knn.fast_search_bytes(1_281_167, 2048, 4096) < knn.fast_search_bytes(1_281_167, 4096, 4096)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+@pytest.mark.parametrize('make', [random_features, clustered_features, tie_heavy_features],
+                         ids=['uniform', 'clustered', 'tie-heavy'])
+def test_cuda_fast_lists_equal_exact_lists(make):
+    features = make().cuda()
+    _, expected = knn.search(features, features, 6, backend='torch', fast=False)
+    _, indices = knn.search(features, features, 6, backend='torch', fast=True, chunk_size=300)
+    assert torch.equal(indices, expected)

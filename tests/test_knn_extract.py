@@ -99,3 +99,19 @@ def test_corrupt_image_names_the_file(tiny_folder, teacher_file, tmp_path):
 def test_missing_data_dir_is_named(teacher_file, tmp_path):
     result = extract(str(tmp_path / 'nowhere'), teacher_file, str(tmp_path / 'x.npy'))
     assert result.returncode != 0 and 'nowhere' in result.stderr
+
+
+def test_gpu_decoding_and_bf16_teacher_opt_ins_report_agreement(tiny_folder, teacher_file, one_process_result,
+                                                               tmp_path):
+    # The opt-ins of stage 1 (decode, resize and crop on the device; bf16, channels-last teacher)
+    # run on the CPU too, and compare their bags with the default run's.
+    reference, _ = one_process_result
+    output = str(tmp_path / 'fast.npy')
+    result = extract(tiny_folder, teacher_file, output, data_pipeline='gpu', precision='bf16',
+                     channels_last=True, reference_neighbours=reference)
+    assert result.returncode == 0, result.stderr[-3000:]
+    share = float(result.stdout.split(f'rows equal to {reference}: ')[1].split()[0])
+    assert 0.5 <= share <= 1.0  # PNGs decoded alike; bf16 moves near-ties only
+    assert np.load(output).shape == np.load(reference).shape
+    sidecar = json.load(open(output + '.json'))
+    assert (sidecar['data_pipeline'], sidecar['precision'], sidecar['channels_last']) == ('gpu', 'bf16', True)

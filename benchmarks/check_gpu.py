@@ -17,8 +17,9 @@ K = 1024; about a minute. From the repository root:
 2. The fast mode (bf16, channels_last, --fast_views, cuDNN autotuning) against the reference as
    released (fp32, TF32 convolutions as torch defaults): loss within models.fast.BF16_LOSS_RTOL.
 3. The CUDA-graph step (--cuda_graphs) replays what the eager step computes: fp32, TF32 off,
-   five steps (three eager warm-up steps, the capture, replays) from the same weights and draws;
-   losses and final state within 1e-5.
+   cuDNN deterministic, five steps (three eager warm-up steps, the capture, replays) from the
+   same weights and draws. Its losses and final state may differ from the eager step's by at most
+   FLOOR_MULTIPLE times what two eager runs differ by (atomics in some kernels), or 1e-6.
 4. The fast steps never wait on the host: after warm-up, an eager fast step and a replayed graph
    step under torch.cuda.set_sync_debug_mode('error') raise on any synchronising call.
 """
@@ -34,7 +35,7 @@ from models.heads import Embedder, moco_head
 
 FAST = dict(precision='bf16', channels_last=True, fast_views=True)
 FLOOR_MULTIPLE = 4  # --fast_views may be this many times further from float64 than the floor
-GRAPH_RTOL = 1e-5
+GRAPH_RTOL = 1e-6  # where two eager runs agree exactly
 
 
 @dataclasses.dataclass
@@ -126,20 +127,26 @@ def check_bf16_tolerance(device, setup=Setup()):
                   f'(<= {BF16_LOSS_RTOL:.0e})')
 
 
-@torch.backends.cudnn.flags(enabled=True, benchmark=False)
+@torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True)
 def check_graph_replays_the_eager_step(device, setup=Setup(), steps=5):
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
         eager = run_steps(setup, device, steps, mode='manual', fast_views=True)
+        again = run_steps(setup, device, steps, mode='manual', fast_views=True)
         graph = run_steps(setup, device, steps, mode='graph', fast_views=True)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-    loss_diff = max(abs(g - e) / abs(e) for g, e in zip(graph[0], eager[0]))
-    state_diff = max(relative(graph[2][k], v) for k, v in eager[2].items())
-    return report(loss_diff <= GRAPH_RTOL and state_diff <= GRAPH_RTOL,
-                  f'CUDA-graph step == eager step over {steps} steps (fp32, TF32 off): losses rel '
-                  f'{loss_diff:.1e}, state rel {state_diff:.1e} (<= {GRAPH_RTOL:.0e})')
+
+    def differences(run):
+        return (max(abs(a - e) / abs(e) for a, e in zip(run[0], eager[0])),
+                max(relative(run[2][k], v) for k, v in eager[2].items()))
+    (loss_floor, state_floor), (loss_diff, state_diff) = differences(again), differences(graph)
+    ok = (loss_diff <= max(FLOOR_MULTIPLE * loss_floor, GRAPH_RTOL)
+          and state_diff <= max(FLOOR_MULTIPLE * state_floor, GRAPH_RTOL))
+    return report(ok, f'CUDA-graph step == eager step over {steps} steps (fp32, TF32 off, cuDNN deterministic): '
+                      f'losses rel {loss_diff:.1e}, state rel {state_diff:.1e}; two eager runs: {loss_floor:.1e}, '
+                      f'{state_floor:.1e} (<= {FLOOR_MULTIPLE}x that, or {GRAPH_RTOL:.0e})')
 
 
 def check_no_host_sync(device, mode, setup=Setup()):

@@ -18,13 +18,14 @@ Runs go --parallel at a time on the one GPU. Logs in --work/logs.
 """
 import argparse
 import io
+import itertools
 import json
 import os
 import subprocess
 import sys
 import time
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import numpy as np
 
@@ -47,12 +48,14 @@ def parse_args():
     parser.add_argument('--work', default='/tmp/bingo_gpu_smoke')
     parser.add_argument('--device', default='cuda')
     parser.add_argument('--wheel', default=os.path.join(REPO, 'datasets', 'foolbox-3.3.4-py3-none-any.whl'))
-    parser.add_argument('--per_class', type=int, default=160, help='Training images per class (8 classes).')
-    parser.add_argument('--batch_size', type=int, default=64)
+    parser.add_argument('--per_class', type=int, default=80, help='Training images per class (8 classes).')
+    parser.add_argument('--batch_size', type=int, default=32)
     parser.add_argument('--image_size', type=int, default=64)
     parser.add_argument('--teacher_arch', default='resnet50')
-    parser.add_argument('--parallel', type=int, default=4)
-    parser.add_argument('--workers', type=int, default=3)
+    parser.add_argument('--parallel', type=int, default=8)
+    parser.add_argument('--workers', type=int, default=2)
+    parser.add_argument('--flag_sets', default=','.join(FLAG_SETS), help='A subset of the flag sets to run.')
+    parser.add_argument('--seeds', type=int, default=len(SEEDS), help='Seeds of the released and --fast runs.')
     return parser.parse_args()
 
 
@@ -135,8 +138,8 @@ def main():
         return 1
 
     # Stage 2: every flag set with both pipelines; the released flags and --fast at 3 seeds.
-    runs = [(flags, pipe, seed) for flags in FLAG_SETS for pipe in ('cpu', 'gpu')
-            for seed in (SEEDS if flags in ('released', 'fast') else SEEDS[:1])]
+    runs = [(flags, pipe, seed) for flags in args.flag_sets.split(',') for pipe in ('cpu', 'gpu')
+            for seed in (SEEDS[:args.seeds] if flags in ('released', 'fast') else SEEDS[:1])]
     if args.device != 'cuda':
         runs = [run for run in runs if run[0] not in ('cuda_graphs', 'fast')]
 
@@ -152,9 +155,10 @@ def main():
     # The first --data_pipeline=gpu run alone: it compiles the colour ops into inductor's cache,
     # which the others then read instead of compiling them all at once.
     first = runs.index(('released', 'gpu', 0))
+    done = [distill(runs[first])]
     with ThreadPoolExecutor(args.parallel) as pool:
-        done = [distill(runs[first])] + list(pool.map(distill, runs[:first] + runs[first + 1:]))
-        for (flags, pipe, seed), out, (ok, seconds, tail) in done:
+        futures = [pool.submit(distill, run) for run in runs[:first] + runs[first + 1:]]
+        for (flags, pipe, seed), out, (ok, seconds, tail) in itertools.chain(done, (f.result() for f in as_completed(futures))):
             loss = mean_loss(out) if ok else float('nan')
             ok = ok and np.isfinite(loss)
             losses[flags, pipe, seed] = loss
@@ -162,7 +166,7 @@ def main():
                                       f'--data_pipeline={pipe} --seed={seed} ({seconds:.0f} s): mean loss '
                                       f'{loss:.4f}' + ('' if ok else f': {" | ".join(tail)}')))
     for flags in ('released', 'fast'):
-        if (flags, 'cpu', 0) not in losses:
+        if not all((flags, pipe, seed) in losses for pipe in ('cpu', 'gpu') for seed in SEEDS):
             continue
         cpu = np.array([losses[flags, 'cpu', s] for s in SEEDS])
         gpu = np.array([losses[flags, 'gpu', s] for s in SEEDS])

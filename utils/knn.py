@@ -229,8 +229,8 @@ class _Database:
         # product runs in fp32: the same exact products and fp32 sums as on the GPU.
         self.low = self.rows.new_zeros(padded, dim, dtype=torch.float32 if on_cpu else torch.bfloat16)
         norms = torch.zeros(3, dtype=torch.float64, device=self.rows.device)  # max |y|, |y_hi|, |y_lo|
-        for start in range(0, n, self.tile):
-            y = self.rows[start:start + self.tile]
+        for start in range(0, n, max(1, _SCRATCH_ELEMENTS // dim)):  # float64 copies within the scratch
+            y = self.rows[start:start + max(1, _SCRATCH_ELEMENTS // dim)]
             high = y.bfloat16()
             self.low[start:start + y.shape[0]] = high
             high = high.float()

@@ -14,12 +14,12 @@ import time
 import torch
 from absl import app, flags
 
-from data.folder import ImageFolder
-from data.neighbours import bag_precision, save_neighbours
+from data.folder import UNREADABLE, ImageFolder, MarkUnreadable, unreadable_error
+from data.neighbours import bag_precision, save_neighbours, sidecar_path
 from data.transforms import eval_transform
 from models import ARCHS, load_backbone
 from models.checkpoints import FORMATS
-from utils import dist, knn
+from utils import checkpoint, dist, errors, knn
 from utils.features import embed, gather_by_index
 from utils.training import make_loader
 
@@ -51,15 +51,21 @@ def main(argv):
     del argv
     info = dist.init_distributed(FLAGS.device)
     start = time.time()
+    checkpoint.check_writable(FLAGS.output, '--output')
+    checkpoint.check_writable(sidecar_path(FLAGS.output), '--output')
     folder = ImageFolder(os.path.join(FLAGS.data_dir, 'train'), transform=eval_transform(FLAGS.image_size))
     k = FLAGS.clus_pos_num
     if not 0 < k < len(folder):
         raise app.UsageError(f'--clus_pos_num={k} must be in [1, {len(folder) - 1}] for the '
                              f'{len(folder)} images of {folder.root}')
     teacher = load_backbone(FLAGS.teacher_arch, FLAGS.teacher, FLAGS.teacher_format).to(info.device).eval()
-    loader, sampler = make_loader(folder, FLAGS.batch_size, FLAGS.workers, train=False)
-    shard, _ = embed(teacher, loader, info.device, {'stage': 'embed'}, FLAGS.report_freq)
+    # Unreadable images are marked, not fatal, so that one pass names them all.
+    loader, sampler = make_loader(MarkUnreadable(folder), FLAGS.batch_size, FLAGS.workers, train=False)
+    shard, shard_labels = embed(teacher, loader, info.device, {'stage': 'embed'}, FLAGS.report_freq)
     features = gather_by_index(shard, list(sampler), len(folder))  # (N, d) on every rank
+    unreadable = (gather_by_index(shard_labels, list(sampler), len(folder)) == UNREADABLE).nonzero().flatten()
+    if len(unreadable):
+        raise unreadable_error(folder, unreadable.tolist())
     embed_seconds = time.time() - start
 
     # Each rank searches an equal share of the queries; shares are padded to one length to gather.
@@ -78,7 +84,7 @@ def main(argv):
             'teacher_arch': FLAGS.teacher_arch, 'teacher_checkpoint': os.path.basename(FLAGS.teacher),
             'teacher_sha256': file_sha256(FLAGS.teacher), 'feature_dim': features.shape[1],
             'dataset_root': os.path.abspath(folder.root), 'dataset_fingerprint': folder.fingerprint(),
-            'backend': FLAGS.knn_backend, 'world_size': world, 'bag_precision': precision,
+            'backend': knn.resolve_backend(FLAGS.knn_backend, features.device), 'world_size': world, 'bag_precision': precision,
             'embed_seconds': round(embed_seconds, 2), 'search_seconds': round(search_seconds, 2)})
         print(f'wrote {FLAGS.output}: {n} x {k} neighbours; embedding {embed_seconds:.1f}s, '
               f'search {search_seconds:.1f}s; bag precision {precision:.4f} '
@@ -88,4 +94,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    app.run(main)
+    errors.run(main)

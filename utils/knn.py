@@ -15,6 +15,8 @@ import math
 import numpy as np
 import torch
 
+from utils.errors import UserError
+
 BACKENDS = ('auto', 'faiss', 'torch')
 
 # Largest score block / gathered candidate block, in elements (1 GiB / 512 MiB of fp32).
@@ -25,7 +27,7 @@ _BF16_UNIT_ROUNDOFF = 2.0 ** -8
 _FP32_UNIT_ROUNDOFF = 2.0 ** -24
 
 
-class FaissNotInstalledError(ValueError, ImportError):
+class FaissNotInstalledError(UserError, ValueError, ImportError):
     """backend='faiss' was asked for but faiss cannot be imported."""
 
 
@@ -42,7 +44,8 @@ def _faiss_has_gpu(faiss):
     return hasattr(faiss, 'StandardGpuResources') and faiss.get_num_gpus() > 0
 
 
-def _resolve_backend(backend, device):
+def resolve_backend(backend, device):
+    """The engine `search` uses for `backend` on `device`: 'faiss' or 'torch' ('auto' resolved)."""
     if backend not in BACKENDS:
         raise ValueError(f'knn backend {backend!r} is not one of {BACKENDS}')
     faiss = _import_faiss()
@@ -83,7 +86,7 @@ def search(database, queries, k, backend='auto', chunk_size=4096, fast=None):
     """
     _check_inputs(database, queries, k, chunk_size)
     device = database.device
-    backend = _resolve_backend(backend, device)
+    backend = resolve_backend(backend, device)
     if queries.shape[0] == 0:
         return (torch.empty(0, k, dtype=torch.float32, device=device),
                 torch.empty(0, k, dtype=torch.int64, device=device))

@@ -17,7 +17,6 @@ or training on a subset), for tools/collect_results.py.
 """
 import json
 import os
-import pickle
 
 import torch
 import torch.nn.functional as F
@@ -167,10 +166,7 @@ def pretrained_source():
     if FLAGS.pretrained == 'random':
         return {'arch': FLAGS.arch, 'pretrained': 'random', 'method': 'random init'}
     source = {'arch': FLAGS.arch, 'pretrained': os.path.abspath(FLAGS.pretrained)}
-    try:
-        state = torch.load(FLAGS.pretrained, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError:  # not one of this project's checkpoints
-        return source
+    state = checkpoint.load(FLAGS.pretrained)
     if not (isinstance(state, dict) and isinstance(state.get('flags'), dict) and 'method' in state):
         return source
     run = state['flags']

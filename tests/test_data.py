@@ -136,6 +136,19 @@ def test_every_unreadable_image_is_named_in_one_error(tmp_path):
     assert 'b.png' in message and 'd.png' in message and '\n' not in message
 
 
+def test_check_dataset_tool_lists_every_unreadable_image(tmp_path):
+    write_png(str(tmp_path / 'cat' / 'a.png'))
+    for name in ('b.png', 'c.png'):
+        (tmp_path / 'cat' / name).write_bytes(b'torn')
+    result = subprocess.run([sys.executable, 'tools/check_dataset.py', str(tmp_path), '--workers=2'], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert [line.split(':')[0] for line in result.stdout.splitlines()[:2]] == ['cannot read image ' + str(
+        tmp_path / 'cat' / name) for name in ('b.png', 'c.png')]
+    assert '3 images in 1 classes, 2 unreadable' in result.stdout
+    assert result.stderr.strip() == 'check_dataset.py: error: 2 images cannot be read (listed above)'
+
+
 def test_check_same_classes(tmp_path):
     for split, classes in (('train', 'abc'), ('val', 'abd'), ('val2', 'abc')):
         for name in classes:

@@ -113,6 +113,14 @@ def test_two_processes_train_gather_the_queue_and_export(two_process_run):
     assert os.path.exists(os.path.join(out, 'checkpoint_0001.pth'))  # the last epoch is kept
 
 
+def test_every_flag_either_defines_the_run_or_only_how_it_runs():
+    import main_distill
+    from absl import flags
+    names = {flag.name for flag in flags.FLAGS.get_flags_for_module(main_distill)}
+    assert set(main_distill.RUN_FLAGS) | set(main_distill.HOW_FLAGS) == names
+    assert not set(main_distill.RUN_FLAGS) & set(main_distill.HOW_FLAGS)
+
+
 def _same_training_state(a, b):
     return torch.equal(a['queue']['keys'], b['queue']['keys']) and all(
         torch.equal(value, b['student'][key]) for key, value in a['student'].items())

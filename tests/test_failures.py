@@ -15,7 +15,7 @@ from absl import app
 from data.folder import DataError
 from utils import checkpoint, errors, preemption, rundir
 from utils.checkpoint import CheckpointError, SaveError
-from utils.training import epoch_batches, make_loader, rng_state, set_rng_state
+from utils.training import epoch_batches, make_loader, rng_state
 
 
 # ------------------------------------------------------------------ one-line errors
@@ -183,16 +183,20 @@ def test_a_folder_with_a_run_is_resumed_never_started_over(tmp_path):
 
 # ------------------------------------------------------------------ stop signals
 
-def test_stop_signal_is_recorded_and_handlers_restored():
-    before = signal.getsignal(signal.SIGTERM)
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_is_recorded_for_the_step_to_finish_and_handlers_restored(signum):
+    before = signal.getsignal(signum)
     stop = preemption.StopSignal()
     try:
         assert not stop.requested()
-        os.kill(os.getpid(), signal.SIGTERM)  # handled in this process: it keeps running
-        assert stop.requested() and stop.received == 'SIGTERM'
+        os.kill(os.getpid(), signum)  # handled: this process goes on
+        assert stop.requested() and stop.received == signal.Signals(signum).name
+        if signum == signal.SIGINT:  # Ctrl-C twice stops at once
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signum)
     finally:
         stop.close()
-    assert signal.getsignal(signal.SIGTERM) is before
+    assert signal.getsignal(signum) is before
 
 
 # ------------------------------------------------------------------ data order mid-epoch

@@ -131,8 +131,8 @@ def test_a_run_stopped_mid_epoch_resumes_to_the_uninterrupted_result(tiny_folder
     teacher, bags = bingo_inputs
     out = str(tmp_path / 'stopped')
     # Rank 0 alone gets SIGTERM after step 2 of 3: both ranks finish that step, save it and exit.
-    # 2 loader workers per rank, where the uninterrupted run had none: the data must not differ.
-    command = dict(teacher=teacher, neighbours=bags, workers=2)
+    # A loader worker per rank, where the uninterrupted run had none: the data must not differ.
+    command = dict(teacher=teacher, neighbours=bags, workers=1)
     result = distill(tiny_folder, out, nproc=2, env={preemption.TEST_SIGTERM_ENV: '2'}, **command)
     # A rank ends with this line and status 75 (torchrun reports that as a failure).
     assert 'main_distill.py: stopped: SIGTERM at epoch 0 step 2/3;' in result.stderr

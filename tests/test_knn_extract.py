@@ -101,13 +101,11 @@ def test_every_unreadable_image_is_named_in_one_line(tiny_folder, teacher_file, 
     assert not os.path.exists(tmp_path / 'x.npy')
 
 
-@pytest.mark.parametrize('output, message', [('a_folder', 'is a folder'), ('a_file/bags.npy', 'is a file')])
-def test_an_output_that_cannot_be_written_is_refused_before_any_work(tiny_folder, tmp_path, output, message):
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tiny_folder, tmp_path):
     (tmp_path / 'a_folder').mkdir()
-    (tmp_path / 'a_file').write_text('')
     # The teacher does not exist: the output is checked first.
-    result = extract(tiny_folder, str(tmp_path / 'no_teacher.pth'), str(tmp_path / output))
-    assert result.returncode == 1 and f'--output={tmp_path / output}' in result.stderr and message in result.stderr
+    result = extract(tiny_folder, str(tmp_path / 'no_teacher.pth'), str(tmp_path / 'a_folder'))
+    assert result.returncode == 1 and f'--output={tmp_path / "a_folder"} is a folder' in result.stderr
 
 
 def test_missing_data_dir_is_named(teacher_file, tmp_path):

@@ -84,7 +84,8 @@ def main(argv):
             'teacher_arch': FLAGS.teacher_arch, 'teacher_checkpoint': os.path.basename(FLAGS.teacher),
             'teacher_sha256': file_sha256(FLAGS.teacher), 'feature_dim': features.shape[1],
             'dataset_root': os.path.abspath(folder.root), 'dataset_fingerprint': folder.fingerprint(),
-            'backend': knn.resolve_backend(FLAGS.knn_backend, features.device), 'world_size': world, 'bag_precision': precision,
+            'backend': knn.resolve_backend(FLAGS.knn_backend, features.device), 'world_size': world,
+            'bag_precision': precision,
             'embed_seconds': round(embed_seconds, 2), 'search_seconds': round(search_seconds, 2)})
         print(f'wrote {FLAGS.output}: {n} x {k} neighbours; embedding {embed_seconds:.1f}s, '
               f'search {search_seconds:.1f}s; bag precision {precision:.4f} '

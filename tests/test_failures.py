@@ -159,9 +159,9 @@ def test_one_run_per_output_dir(tmp_path):
     with pytest.raises(rundir.RunDirError, match=f'in use by pid {os.getppid()} on host'):
         rundir.claim(str(tmp_path))
     _write_lock(tmp_path, _dead_pid())
-    (tmp_path / '.checkpoint.pth.abc123.tmp').write_bytes(b'torn')
+    (tmp_path / '.checkpoint.pth.abcd1234.tmp').write_bytes(b'torn')
     notes = rundir.claim(str(tmp_path))
-    assert 'is no longer running' in notes[0] and '.checkpoint.pth.abc123.tmp' in notes[1]
+    assert 'is no longer running' in notes[0] and '.checkpoint.pth.abcd1234.tmp' in notes[1]
     assert sorted(os.listdir(tmp_path)) == [rundir.LOCK]
     assert json.loads((tmp_path / rundir.LOCK).read_text())['pid'] == os.getpid()
     rundir.RunLock(str(tmp_path)).release()  # another record: not its lock, so it stays

@@ -19,7 +19,7 @@ from utils.errors import UserError
 
 LATEST = 'checkpoint.pth'
 _KEPT = re.compile(r'checkpoint_(\d+)\.pth$')  # checkpoint_<epoch>.pth, kept every --save_freq epochs
-_TEMPORARY = re.compile(r'\..+\.[^.]+\.tmp$')  # write_atomic's '.<name>.<random>.tmp'
+_TEMPORARY = re.compile(r'\..+\.[a-z0-9_]{8}\.tmp$')  # write_atomic's '.<name>.<mkstemp's 8 characters>.tmp'
 _ZIP_MAGIC = b'PK\x03\x04'  # torch.save's format since torch 1.6
 
 

@@ -15,13 +15,13 @@ import numpy as np
 import torch
 from absl import app, flags
 
-from data.folder import ImageFolder
+from data.folder import UNREADABLE, ImageFolder, MarkUnreadable, unreadable_error
 from data.jpeg_bags import EncodedEvalBatches, EncodedTwoViewDataset
-from data.neighbours import bag_precision, load_neighbours, save_neighbours
+from data.neighbours import bag_precision, load_neighbours, save_neighbours, sidecar_path
 from data.transforms import eval_transform, resize_size
 from models import ARCHS, load_backbone
 from models.checkpoints import FORMATS
-from utils import dist, knn
+from utils import checkpoint, dist, errors, knn
 from utils.features import embed, gather_by_index
 from utils.training import make_loader
 
@@ -61,6 +61,8 @@ def main(argv):
     del argv
     info = dist.init_distributed(FLAGS.device)
     start = time.time()
+    checkpoint.check_writable(FLAGS.output, '--output')
+    checkpoint.check_writable(sidecar_path(FLAGS.output), '--output')
     folder = ImageFolder(os.path.join(FLAGS.data_dir, 'train'), transform=eval_transform(FLAGS.image_size))
     k = FLAGS.clus_pos_num
     if not 0 < k < len(folder):
@@ -74,14 +76,17 @@ def main(argv):
         with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=FLAGS.precision == 'bf16'):
             return teacher(images.contiguous(memory_format=memory_format)).float()
 
-    if FLAGS.data_pipeline == 'gpu':
+    if FLAGS.data_pipeline == 'gpu':  # the first unreadable image stops the run, named
         loader, sampler = make_loader(EncodedTwoViewDataset(folder), FLAGS.batch_size, FLAGS.workers, train=False)
         loader = EncodedEvalBatches(loader, folder.targets, info.device, FLAGS.image_size,
                                     resize_size(FLAGS.image_size))
-    else:
-        loader, sampler = make_loader(folder, FLAGS.batch_size, FLAGS.workers, train=False)
-    shard, _ = embed(network, loader, info.device, {'stage': 'embed'}, FLAGS.report_freq)
+    else:  # unreadable images are marked, not fatal, so that one pass names them all
+        loader, sampler = make_loader(MarkUnreadable(folder), FLAGS.batch_size, FLAGS.workers, train=False)
+    shard, shard_labels = embed(network, loader, info.device, {'stage': 'embed'}, FLAGS.report_freq)
     features = gather_by_index(shard, list(sampler), len(folder))  # (N, d) on every rank
+    unreadable = (gather_by_index(shard_labels, list(sampler), len(folder)) == UNREADABLE).nonzero().flatten()
+    if len(unreadable):
+        raise unreadable_error(folder, unreadable.tolist())
     embed_seconds = time.time() - start
 
     # Each rank searches an equal share of the queries; shares are padded to one length to gather.
@@ -101,7 +106,8 @@ def main(argv):
             'teacher_arch': FLAGS.teacher_arch, 'teacher_checkpoint': os.path.basename(FLAGS.teacher),
             'teacher_sha256': file_sha256(FLAGS.teacher), 'feature_dim': features.shape[1],
             'dataset_root': os.path.abspath(folder.root), 'dataset_fingerprint': folder.fingerprint(),
-            'backend': FLAGS.knn_backend, 'world_size': world, 'bag_precision': precision,
+            'backend': knn.resolve_backend(FLAGS.knn_backend, features.device), 'world_size': world,
+            'bag_precision': precision,
             'embed_seconds': round(embed_seconds, 2), 'search_seconds': round(search_seconds, 2),
             'data_pipeline': FLAGS.data_pipeline, 'precision': FLAGS.precision,
             'channels_last': FLAGS.channels_last})
@@ -119,4 +125,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    app.run(main)
+    errors.run(main)

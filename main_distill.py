@@ -24,10 +24,10 @@ from models import ARCHS, build_student, load_teacher
 from models.checkpoints import FORMATS
 from models.distill import build_training_module, student_optimizer
 from models.fast import TrainStep
-from utils import checkpoint, dist
+from utils import checkpoint, dist, errors, preemption, rundir
 from utils.logging import JsonlWriter, Progress
 from utils.schedule import cosine_lr, set_lr
-from utils.training import make_loader, seed_epoch
+from utils.training import epoch_batches, make_loader, rng_state, step_seed
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('data_dir', None, 'ImageFolder root holding train/.')
@@ -72,9 +72,20 @@ flags.DEFINE_bool('fast', False, 'The recommended fast settings in one switch: -
 flags.DEFINE_integer('seed', 0, 'Seed; each epoch reseeds from (seed, epoch, rank).')
 flags.DEFINE_integer('save_freq', 10, 'Keep checkpoint_<epoch>.pth every this many epochs.')
 flags.DEFINE_integer('report_freq', 10, 'Print and log progress every this many steps.')
-flags.DEFINE_string('resume', None, "Checkpoint to continue from; 'auto' = output_dir/checkpoint.pth if present.")
+flags.DEFINE_string('resume', None, "Checkpoint to continue from; 'auto' = the newest intact checkpoint of "
+                    '--output_dir. An --output_dir holding checkpoints is always resumed, never overwritten.')
 flags.DEFINE_string('device', 'auto', "'auto' (CUDA when available), 'cuda' or 'cpu'.")
 flags.mark_flags_as_required(['data_dir', 'output_dir'])
+
+# A resumed run must keep the RUN_FLAGS its checkpoint recorded: they define what the run computes.
+# HOW_FLAGS change only how it runs, and may change on resuming. Every flag above is in one list.
+RUN_FLAGS = ('data_dir', 'method', 'arch', 'neighbours', 'teacher', 'teacher_arch', 'teacher_bn', 'bag_loss',
+             'epochs', 'batch_size', 'lr', 'weight_decay', 'momentum', 'temperature', 'queue_size', 'lam',
+             'warmup_epochs', 'moco_momentum', 'image_size', 'seed')
+HOW_FLAGS = ('output_dir', 'resume', 'teacher_format', 'workers', 'data_pipeline', 'precision', 'channels_last',
+             'fast_views', 'compile', 'cudnn_benchmark', 'cuda_graphs', 'fast', 'save_freq', 'report_freq',
+             'device')
+PATH_FLAGS = ('data_dir', 'neighbours', 'teacher', 'output_dir')  # recorded as absolute paths
 
 
 def check_flags(world_size, device):
@@ -123,14 +134,27 @@ def build_model(folder, speed):
     return model, BagDataset(folder, neighbours, augmentation)
 
 
-def save(model, optimizer, epoch):
-    """checkpoint.pth (latest, every epoch), checkpoint_<epoch>.pth (kept) and the exported student."""
-    state = {'arch': FLAGS.arch, 'method': FLAGS.method, 'epoch': epoch + 1,
+def recorded_flags():
+    """The flags a checkpoint records, paths made absolute: a run resumed from another working
+    directory is compared by the files it reads, not by how their names were spelt."""
+    values = {name: FLAGS[name].value for name in RUN_FLAGS + HOW_FLAGS}
+    return {**values, **{name: os.path.abspath(values[name]) for name in PATH_FLAGS if values[name]}}
+
+
+def save(model, optimizer, epoch, step, steps, rng=None):
+    """checkpoint.pth after `step` of the `steps` steps of `epoch`. At the end of an epoch also
+    checkpoint_<epoch>.pth (kept every --save_freq) and the exported student; mid-epoch (a stopped
+    run) with every rank's RNG state `rng`, so that the run resumes at that very step."""
+    finished = step == steps
+    state = {'arch': FLAGS.arch, 'method': FLAGS.method, 'epoch': epoch + 1 if finished else epoch,
+             'step': 0 if finished else step, 'world_size': dist.get_world_size(), 'rng': rng,
              'student': model.student.state_dict(), 'queue': model.queue.state_dict(),
-             'optimizer': optimizer.state_dict(), 'flags': FLAGS.flag_values_dict()}
+             'optimizer': optimizer.state_dict(), 'flags': recorded_flags()}
     if FLAGS.method == 'moco':
         state['teacher'] = model.teacher.state_dict()
-    checkpoint.save_atomic(state, os.path.join(FLAGS.output_dir, 'checkpoint.pth'))
+    checkpoint.save_atomic(state, os.path.join(FLAGS.output_dir, checkpoint.LATEST))
+    if not finished:
+        return
     if (epoch + 1) % FLAGS.save_freq == 0 or epoch + 1 == FLAGS.epochs:
         checkpoint.save_atomic(state, os.path.join(FLAGS.output_dir, f'checkpoint_{epoch + 1:04d}.pth'))
     # Loads into torchvision.models.<arch>() (its classifier aside).
@@ -139,25 +163,31 @@ def save(model, optimizer, epoch):
 
 
 def resume(model, optimizer):
-    """Start epoch of the run: 0, or where the given/latest checkpoint stopped."""
-    path = FLAGS.resume
-    if path == 'auto':
-        path = os.path.join(FLAGS.output_dir, 'checkpoint.pth')
-        if not os.path.exists(path):
-            return 0
-    if not path:
-        return 0
-    state = checkpoint.load(path)
-    if state.get('arch') != FLAGS.arch or state.get('method') != FLAGS.method:
-        raise app.UsageError(f'--resume={path} holds a {state.get("method")} {state.get("arch")} run, '
-                             f'not --method={FLAGS.method} --arch={FLAGS.arch}')
+    """Where the run starts, (epoch, step, this rank's RNG state at that step or None): the start,
+    or the checkpoint --output_dir holds (or --resume names) after checking its RUN_FLAGS."""
+    found = rundir.checkpoint_to_resume(FLAGS.output_dir, FLAGS.resume)
+    if found is None:
+        return 0, 0, None
+    path, state, note = found
+    changed = checkpoint.changed_flags(state.get('flags', {}), recorded_flags(), RUN_FLAGS)
+    if changed:
+        raise app.UsageError(f'{path} was trained with other values of flags that define the run: '
+                             f'{"; ".join(changed)}. Pass its values to continue it, or another '
+                             '--output_dir for a new run')
+    epoch, step = state['epoch'], state.get('step', 0)
+    if step and state['world_size'] != dist.get_world_size():
+        raise app.UsageError(f'{path} stopped within epoch {epoch} on {state["world_size"]} processes: '
+                             'resume it on as many (each process resumes its own share of the epoch)')
     model.student.load_state_dict(state['student'])
     model.queue.load_state_dict(state['queue'])
     if FLAGS.method == 'moco':
         model.teacher.load_state_dict(state['teacher'])
     optimizer.load_state_dict(state['optimizer'])
-    print(f'resumed from {path} at epoch {state["epoch"]}', flush=True)
-    return state['epoch']
+    if dist.is_main():
+        for line in (note, f'resumed from {path} at epoch {epoch}' + (f' step {step}' if step else '')):
+            if line:
+                print(line, flush=True)
+    return epoch, step, state['rng'][dist.get_rank()] if step else None
 
 
 def main(argv):
@@ -165,49 +195,63 @@ def main(argv):
     info = dist.init_distributed(FLAGS.device)
     check_flags(info.world_size, info.device)
     speed = speed_options(info.device)
+    for note in dist.main_decides(lambda: rundir.claim(FLAGS.output_dir)):  # one run per output_dir
+        print(note, flush=True)
     torch.manual_seed(FLAGS.seed)  # same initial student and queue on every rank
     torch.backends.cudnn.benchmark = speed['cudnn_benchmark']
     folder = ImageFolder(os.path.join(FLAGS.data_dir, 'train'))
+    if len(folder) // info.world_size < FLAGS.batch_size // info.world_size:
+        raise app.UsageError(f'--batch_size={FLAGS.batch_size} exceeds the {len(folder)} images of '
+                             f'{folder.root}: an epoch would have no full batch to train on')
     model, dataset = build_model(folder, speed)
     model.to(info.device)
     optimizer = student_optimizer(model, FLAGS.lr, FLAGS.momentum, FLAGS.weight_decay)
-    start_epoch = resume(model, optimizer)
+    start_epoch, start_step, start_rng = resume(model, optimizer)
     train_step = TrainStep(model, optimizer, 'graph' if speed['cuda_graphs'] else 'ddp',
                            device_ids=[info.local_rank] if info.device.type == 'cuda' else None)
     per_rank_batch = FLAGS.batch_size // info.world_size
-    loader, sampler = make_loader(dataset, per_rank_batch, FLAGS.workers, train=True, seed=FLAGS.seed)
+    loader, _ = make_loader(dataset, per_rank_batch, FLAGS.workers, train=True, seed=FLAGS.seed)
     if dist.is_main():
-        os.makedirs(FLAGS.output_dir, exist_ok=True)
         print(f'{FLAGS.method}: student {FLAGS.arch}, {len(dataset)} images, {len(loader)} steps/epoch '
               f'of {FLAGS.batch_size} on {info.world_size} x {info.device.type}', flush=True)
-    progress = Progress(len(loader) * (FLAGS.epochs - start_epoch), FLAGS.report_freq,
+    progress = Progress(len(loader) * (FLAGS.epochs - start_epoch) - start_step, FLAGS.report_freq,
                         JsonlWriter(os.path.join(FLAGS.output_dir, 'metrics.jsonl')))
     lam = tuple(float(v) for v in FLAGS.lam)
     n_views = 4 if FLAGS.method == 'bingo' else 2  # (q, k, pq, pk, i, j) or (q, k, i)
+    stop = preemption.StopSignal()  # SIGTERM / SIGINT: finish the step, save, exit
     for epoch in range(start_epoch, FLAGS.epochs):
-        seed_epoch(FLAGS.seed, epoch, info.rank, sampler)
-        model.seed_draws(FLAGS.seed * 1_000_003 + epoch)  # alike on every rank: shuffle BN permutations
         lr = cosine_lr(FLAGS.lr, epoch, FLAGS.epochs)
         set_lr(optimizer, lr)
         epoch_lam = (1.0, 0.0) if epoch < FLAGS.warmup_epochs else lam
         model.train()
-        # --data_pipeline=gpu draws the views' parameters from their own generator, per epoch and rank.
-        view_generator = torch.Generator().manual_seed((FLAGS.seed * 1_000_003 + epoch) * 1_009 + info.rank + 1)
-        batches = views_on_device(loader, FLAGS.data_pipeline, info.device, FLAGS.image_size, n_views,
-                                  view_generator)
-        for step, views in enumerate(batches):
+        resumed = epoch == start_epoch
+        batches = epoch_batches(loader, FLAGS.seed, epoch, info.rank, start_step if resumed else 0,
+                                start_rng if resumed else None)
+        # --data_pipeline=gpu draws each batch's view parameters from its own seed (per rank).
+        for step, views in views_on_device(batches, FLAGS.data_pipeline, info.device, FLAGS.image_size,
+                                           n_views, lambda step: step_seed(FLAGS.seed, epoch, step, info.rank)):
+            model.seed_draws(step_seed(FLAGS.seed, epoch, step))  # alike on every rank: shuffle BN
             step_options = {'lam': epoch_lam} if FLAGS.method == 'bingo' else {}
             loss, (acc1, acc5) = train_step(views, **step_options)
             shown = progress.update({'epoch': epoch}, step, len(loader), FLAGS.batch_size,
                                     loss=loss, acc1=acc1, acc5=acc5, lr=lr)
             if shown and not torch.isfinite(torch.tensor(shown['loss'])):
-                raise FloatingPointError(f'loss is {shown["loss"]} at epoch {epoch} step {step + 1}; '
-                                         f'stopping, the last good checkpoint in {FLAGS.output_dir} is kept')
+                raise errors.UserError(f'loss is {shown["loss"]} at epoch {epoch} step {step + 1}; '
+                                       f'stopping, the last good checkpoint in {FLAGS.output_dir} is kept')
+            if stop.requested():
+                break
+        done = step + 1
+        rng = dist.gather_objects(rng_state(info.device)) if done < len(loader) else None
         if dist.is_main():
-            save(model, optimizer, epoch)
+            save(model, optimizer, epoch, done, len(loader), rng)
         dist.barrier()
+        if stop.received:
+            raise preemption.Preempted(f'{stop.received} at epoch {epoch} step {done}/{len(loader)}; saved '
+                                       f'{FLAGS.output_dir}/{checkpoint.LATEST}, which the same command resumes')
+    if start_epoch == FLAGS.epochs and dist.is_main():
+        print(f'the run in {FLAGS.output_dir} has finished its {FLAGS.epochs} epochs: nothing to do', flush=True)
     dist.cleanup()
 
 
 if __name__ == '__main__':
-    app.run(main)
+    errors.run(main)

@@ -17,7 +17,6 @@ or training on a subset), for tools/collect_results.py.
 """
 import json
 import os
-import pickle
 
 import torch
 import torch.nn.functional as F
@@ -29,12 +28,12 @@ from data.transforms import eval_transform, linear_train_transform
 from models import ARCHS, build_backbone, load_backbone
 from models.checkpoints import FORMATS
 from models.linear import FineTuned, LinearProbe
-from utils import checkpoint, dist, knn
+from utils import checkpoint, dist, errors, knn
 from utils.features import embed, gather_by_index
 from utils.knn_classifier import knn_classify
 from utils.logging import JsonlWriter, Progress
 from utils.schedule import cosine_lr
-from utils.training import make_loader, seed_epoch
+from utils.training import epoch_batches, make_loader
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('data_dir', None, 'ImageFolder root holding train/ and val/ with the same classes.')
@@ -167,10 +166,7 @@ def pretrained_source():
     if FLAGS.pretrained == 'random':
         return {'arch': FLAGS.arch, 'pretrained': 'random', 'method': 'random init'}
     source = {'arch': FLAGS.arch, 'pretrained': os.path.abspath(FLAGS.pretrained)}
-    try:
-        state = torch.load(FLAGS.pretrained, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError:  # not one of this project's checkpoints
-        return source
+    state = checkpoint.load(FLAGS.pretrained)
     if not (isinstance(state, dict) and isinstance(state.get('flags'), dict) and 'method' in state):
         return source
     run = state['flags']
@@ -347,8 +343,7 @@ def main(argv):
     if info.world_size > 1:
         trained = torch.nn.parallel.DistributedDataParallel(
             trained, device_ids=[info.local_rank] if info.device.type == 'cuda' else None)
-    train_loader, train_sampler = make_loader(train_folder, per_rank_batch, FLAGS.workers, train=True,
-                                              seed=FLAGS.seed)
+    train_loader, _ = make_loader(train_folder, per_rank_batch, FLAGS.workers, train=True, seed=FLAGS.seed)
     if len(train_loader) == 0:
         raise app.UsageError(f'--batch_size={FLAGS.batch_size} exceeds the {len(train_folder)} training '
                              f'images of {train_folder.root}: no full batch to train on')
@@ -365,10 +360,9 @@ def main(argv):
     progress = Progress(len(train_loader) * (FLAGS.epochs - start_epoch), FLAGS.report_freq, metrics)
     result = None
     for epoch in range(start_epoch, FLAGS.epochs):
-        seed_epoch(FLAGS.seed, epoch, info.rank, train_sampler)
         lr = set_epoch_lr(optimizer, epoch)
         probe.train()  # linear: the backbone stays in eval mode
-        for step, (images, targets) in enumerate(train_loader):
+        for step, (images, targets) in epoch_batches(train_loader, FLAGS.seed, epoch, info.rank):
             images = images.to(info.device, non_blocking=True)
             targets = targets.to(info.device, non_blocking=True)
             logits = trained(images) if FLAGS.protocol == 'finetune' else trained(probe.features(images))
@@ -403,4 +397,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    app.run(main)
+    errors.run(main)

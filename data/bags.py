@@ -7,7 +7,7 @@ class BagDataset(torch.utils.data.Dataset):
     """Sample i -> (q, k, pq, pk, i, j): two views of anchor i, two of a neighbour j.
 
     j is drawn uniformly from neighbours[i] afresh on every call, with torch's RNG so
-    that torch.manual_seed and DataLoader worker seeding govern it; over the epochs
+    that the sample's seed governs it (utils.training.SeededSamples); over the epochs
     the student sees every member of the bag.
     """
 

@@ -215,43 +215,48 @@ def gpu_views(batch, device, image_size, generator=None):
     return list(views.reshape(roles * 2, size, 3, image_size, image_size).unbind(0))
 
 
-def views_on_device(loader, pipeline, device, image_size, n_views, generator=None):
-    """Yields each batch of `loader` as the list of view tensors the training step takes, on `device`.
+def views_on_device(batches, pipeline, device, image_size, n_views, view_seed=None):
+    """(step, batch) pairs of a loader -> (step, the views the training step takes, on `device`).
 
     pipeline 'cpu': the loader's augmented tensors (the first n_views of each sample), copied
-    without blocking. 'gpu': the loader's files, decoded and augmented by gpu_views (parameters
-    from `generator`); on CUDA each batch's views are made on a side stream one batch ahead, so
-    that decoding and augmenting the next batch overlap the current training step.
+    without blocking. 'gpu': the loader's files, decoded and augmented by gpu_views, with
+    parameters drawn from a generator seeded with view_seed(step) (torch's global RNG when None);
+    on CUDA each batch's views are made on a side stream one batch ahead, so that decoding and
+    augmenting the next batch overlap the current training step.
     """
+    def views(step, batch):
+        generator = None if view_seed is None else torch.Generator().manual_seed(view_seed(step))
+        return gpu_views(batch, device, image_size, generator)
+
     if pipeline == 'cpu':
-        for batch in loader:
-            yield [view.to(device, non_blocking=True) for view in batch[:n_views]]
+        for step, batch in batches:
+            yield step, [view.to(device, non_blocking=True) for view in batch[:n_views]]
         return
     if device.type != 'cuda':
-        for batch in loader:
-            yield gpu_views(batch, device, image_size, generator)
+        for step, batch in batches:
+            yield step, views(step, batch)
         return
     main = torch.cuda.current_stream(device)
     side = torch.cuda.Stream(device)
     ahead = None
-    for batch in loader:
+    for step, batch in batches:
         with torch.cuda.stream(side):
-            views = gpu_views(batch, device, image_size, generator)
+            made = views(step, batch)
             ready = side.record_event()
         if ahead is not None:
             yield _handed_over(*ahead, main)
-        ahead = views, ready
+        ahead = step, made, ready
     if ahead is not None:
         yield _handed_over(*ahead, main)
 
 
-def _handed_over(views, ready, stream):
+def _handed_over(step, views, ready, stream):
     """Views made on a side stream, ready for `stream`: it waits for them, and the allocator keeps
     their memory until `stream` is done with them."""
     stream.wait_event(ready)
     for view in views:
         view.record_stream(stream)
-    return views
+    return step, views
 
 
 class EncodedEvalBatches:

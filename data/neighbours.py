@@ -12,9 +12,10 @@ import os
 import numpy as np
 
 from utils.checkpoint import write_atomic, write_json_atomic
+from utils.errors import UserError
 
 
-class NeighbourFileError(ValueError):
+class NeighbourFileError(UserError, ValueError):
     """A neighbour file that does not fit the dataset it is used with."""
 
 

@@ -1,7 +1,7 @@
 """Image transforms of the three stages (SPEC.md), for any square image_size.
 
-All randomness comes from torch's RNG, so torch.manual_seed and DataLoader worker
-seeding make a run reproducible.
+All randomness comes from torch's RNG, so a seed makes a run reproducible (in training each
+sample is drawn from a seed of its own: utils.training.SeededSamples).
 """
 import torch
 from PIL import ImageFilter

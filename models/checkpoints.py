@@ -10,8 +10,6 @@ Supported layouts (keys may carry DistributedDataParallel's 'module.' prefix):
 Every load is strict: a missing, unexpected or mis-shaped key is a CheckpointError, never skipped.
 """
 import dataclasses
-import os
-import pickle
 from collections.abc import Mapping
 from typing import Optional
 
@@ -20,6 +18,8 @@ import torch.nn as nn
 
 from models.backbones import CLASSIFIER_PREFIXES, build_backbone
 from models.heads import Embedder, moco_head, swav_head
+from utils import checkpoint
+from utils.checkpoint import CheckpointError
 
 FORMATS = ('auto', 'moco', 'swav', 'torchvision', 'bingo')
 
@@ -29,10 +29,6 @@ _EXPECTED_LAYOUT = {
     'torchvision': "a state dict of tensors ('conv1.*', 'layer1.*', ... or 'features.*')",
     'bingo': "{'student': {'backbone.*': tensor, 'head.*': tensor}, 'arch': str, ...}",
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, unreadable, or does not fit the requested model."""
 
 
 @dataclasses.dataclass
@@ -49,20 +45,6 @@ def _preview(keys, shown=5):
     keys = list(keys)
     more = f', ... ({len(keys)} in all)' if len(keys) > shown else ''
     return ', '.join(str(k) for k in keys[:shown]) + more
-
-
-def _load_file(path):
-    if not os.path.isfile(path):
-        raise CheckpointError(f'checkpoint {path} does not exist')
-    try:
-        try:
-            return torch.load(path, map_location='cpu', weights_only=True)
-        except pickle.UnpicklingError:
-            # The safe unpickler accepts only tensors, containers and primitives; files that
-            # pickle other Python objects need the full one (so load only files you trust).
-            return torch.load(path, map_location='cpu', weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f'cannot read checkpoint {path}: {e}') from e
 
 
 def _tensor_dict(obj):
@@ -145,7 +127,7 @@ def read_checkpoint(path, fmt='auto'):
     """Read `path` as checkpoint format `fmt` ('auto' detects it) into a Weights record."""
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown checkpoint format '{fmt}' for {path}; choose one of {', '.join(FORMATS)}")
-    obj = _load_file(path)
+    obj = checkpoint.load(path)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f'checkpoint {path} holds a {type(obj).__name__}, expected a dict')
     if fmt == 'auto':
@@ -212,8 +194,12 @@ def load_teacher(arch, path, fmt='auto', with_head=True):
     if not with_head:
         return backbone
     if weights.head_kind is None:
-        raise CheckpointError(f'{where}: the file has no projection head; load the backbone alone '
-                              '(with_head=False) or use a checkpoint with its pretraining head')
+        # SPEC's teacher key is the output of the head the teacher was pretrained with; a pooled
+        # feature in its place would be another method, so a bare backbone teaches stage 1 only.
+        raise CheckpointError(f'{where}: the file has no projection head, so it cannot be the teacher of '
+                              'stage 2 (main_distill.py needs the head the teacher was pretrained with: '
+                              "a 'moco', 'swav' or 'bingo' checkpoint); a bare backbone (torchvision, DINO, "
+                              'Barlow Twins releases) serves stage 1, knn_extract.py, only')
     head = _build_head(weights, backbone.feature_dim, where)
     _load_strict(head, weights.head, 'head', where)
     return Embedder(backbone, head)

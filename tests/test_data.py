@@ -15,7 +15,8 @@ from torchvision import transforms as T
 
 from data import fashion_mnist
 from data.bags import BagDataset, TwoViewDataset
-from data.folder import DataError, ImageFolder, check_same_classes
+from data.folder import (UNREADABLE, DataError, ImageFolder, MarkUnreadable, check_same_classes,
+                         unreadable_error, unreadable_images)
 from data.neighbours import NeighbourFileError, bag_precision, load_neighbours, save_neighbours
 from data.transforms import (MEAN, STD, GaussianBlur, eval_transform, linear_train_transform,
                              moco_v2_augmentation)
@@ -104,6 +105,48 @@ def test_corrupt_image_names_the_file(tmp_path):
         folder.load(1)
     with pytest.raises(DataError, match='b.png'):
         folder[1]
+
+
+def test_symlink_loops_do_not_list_images_again(tmp_path):
+    for class_name in ('cat', 'dog'):
+        write_png(str(tmp_path / class_name / 'a.png'))
+    os.symlink(tmp_path, tmp_path / 'cat' / 'to_root')           # back to the dataset root
+    os.symlink(tmp_path / 'cat', tmp_path / 'cat' / 'to_itself')   # back to its own class folder
+    os.makedirs(tmp_path / 'dog' / 'sub')
+    write_png(str(tmp_path / 'dog' / 'sub' / 'b.png'))
+    os.symlink(tmp_path / 'dog', tmp_path / 'dog' / 'sub' / 'up')  # to a folder above it
+    os.symlink(tmp_path / 'dog' / 'sub', tmp_path / 'dog' / 'again')  # a folder listed already
+    folder = ImageFolder(tmp_path)
+    assert [rel for rel, _ in folder.samples] == ['cat/a.png', 'dog/a.png', 'dog/again/b.png']
+
+
+def test_every_unreadable_image_is_named_in_one_error(tmp_path):
+    for name in ('a.png', 'c.png', 'e.png'):
+        write_png(str(tmp_path / 'cat' / name))
+    (tmp_path / 'cat' / 'b.png').write_bytes(b'not a png at all')
+    (tmp_path / 'cat' / 'd.png').write_bytes(b'')
+    folder = ImageFolder(tmp_path, transform=T.Compose([T.Resize(4), T.ToTensor()]))
+    marked = MarkUnreadable(folder)
+    assert [marked[i][1] for i in range(5)] == [0, UNREADABLE, 0, UNREADABLE, 0]
+    assert marked[1][0].shape == marked[0][0].shape  # a blank image, so a batch still stacks
+    problems = unreadable_images(folder, workers=2)
+    assert len(problems) == 2 and 'cat/b.png' in problems[0] and 'cat/d.png' in problems[1]
+    message = str(unreadable_error(folder, [1, 3]))
+    assert message.startswith(f'2 of the 5 images of {tmp_path} cannot be read')
+    assert 'b.png' in message and 'd.png' in message and '\n' not in message
+
+
+def test_check_dataset_tool_lists_every_unreadable_image(tmp_path):
+    write_png(str(tmp_path / 'cat' / 'a.png'))
+    for name in ('b.png', 'c.png'):
+        (tmp_path / 'cat' / name).write_bytes(b'torn')
+    result = subprocess.run([sys.executable, 'tools/check_dataset.py', str(tmp_path), '--workers=2'], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert [line.split(':')[0] for line in result.stdout.splitlines()[:2]] == ['cannot read image ' + str(
+        tmp_path / 'cat' / name) for name in ('b.png', 'c.png')]
+    assert '3 images in 1 classes, 2 unreadable' in result.stdout
+    assert result.stderr.strip() == 'check_dataset.py: error: 2 images cannot be read (listed above)'
 
 
 def test_check_same_classes(tmp_path):

@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import socket
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from models import build_student
 from models.distill import BingoDistiller, MoCo
 from models.loss import bingo_paper_loss
 from tests.test_knn_extract import run_script
-from utils import checkpoint
+from utils import checkpoint, preemption, rundir
 
 
 def test_step_pushes_teacher_anchor_keys_and_leaves_the_teacher_frozen():
@@ -77,11 +78,11 @@ def bingo_inputs(tiny_folder, tmp_path_factory):
     return teacher, bags
 
 
-def distill(data_dir, output_dir, nproc=1, **flags):
+def distill(data_dir, output_dir, nproc=1, env=None, **flags):
     options = dict(data_dir=data_dir, output_dir=output_dir, arch='resnet18', teacher_arch='resnet18',
                    image_size=32, batch_size=8, queue_size=16, epochs=1, workers=0, device='cpu',
                    report_freq=1, warmup_epochs=1)
-    return run_script('main_distill.py', nproc, **{**options, **flags})
+    return run_script('main_distill.py', nproc, env, **{**options, **flags})
 
 
 @pytest.fixture(scope='module')
@@ -112,22 +113,56 @@ def test_two_processes_train_gather_the_queue_and_export(two_process_run):
     assert os.path.exists(os.path.join(out, 'checkpoint_0001.pth'))  # the last epoch is kept
 
 
-def test_resumed_run_ends_like_an_uninterrupted_one(tiny_folder, bingo_inputs, two_process_run, tmp_path):
+def test_every_flag_either_defines_the_run_or_only_how_it_runs():
+    import main_distill
+    from absl import flags
+    names = {flag.name for flag in flags.FLAGS.get_flags_for_module(main_distill)}
+    assert set(main_distill.RUN_FLAGS) | set(main_distill.HOW_FLAGS) == names
+    assert not set(main_distill.RUN_FLAGS) & set(main_distill.HOW_FLAGS)
+
+
+def _same_training_state(a, b):
+    return torch.equal(a['queue']['keys'], b['queue']['keys']) and all(
+        torch.equal(value, b['student'][key]) for key, value in a['student'].items())
+
+
+def test_a_run_stopped_mid_epoch_resumes_to_the_uninterrupted_result(tiny_folder, bingo_inputs, two_process_run,
+                                                                       tmp_path):
     teacher, bags = bingo_inputs
-    resumed = str(tmp_path / 'resumed')
-    shutil.copytree(two_process_run[0], resumed)
-    result = distill(tiny_folder, resumed, nproc=2, teacher=teacher, neighbours=bags, epochs=2, resume='auto')
+    out = str(tmp_path / 'stopped')
+    # Rank 0 alone gets SIGTERM after step 2 of 3: both ranks finish that step, save it and exit.
+    # A loader worker per rank, where the uninterrupted run had none: the data must not differ.
+    command = dict(teacher=teacher, neighbours=bags, workers=1)
+    result = distill(tiny_folder, out, nproc=2, env={preemption.TEST_SIGTERM_ENV: '2'}, **command)
+    # A rank ends with this line and status 75 (torchrun reports that as a failure).
+    assert 'main_distill.py: stopped: SIGTERM at epoch 0 step 2/3;' in result.stderr
+    assert f'exitcode  : {preemption.PREEMPTED_EXIT}' in result.stderr
+    stopped = checkpoint.load(os.path.join(out, 'checkpoint.pth'))
+    assert (stopped['epoch'], stopped['step'], len(stopped['rng'])) == (0, 2, 2)
+    assert sorted(os.listdir(out)) == ['checkpoint.pth', 'metrics.jsonl']  # no lock, no temporary
+    # The same command again resumes it (no --resume needed) and ends exactly where the
+    # uninterrupted run ended.
+    result = distill(tiny_folder, out, nproc=2, **command)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert 'resumed from' in result.stdout
-    straight = str(tmp_path / 'straight')
-    result = distill(tiny_folder, straight, nproc=2, teacher=teacher, neighbours=bags, epochs=2)
-    assert result.returncode == 0, result.stderr[-3000:]
-    a = checkpoint.load(os.path.join(resumed, 'checkpoint.pth'))
-    b = checkpoint.load(os.path.join(straight, 'checkpoint.pth'))
-    assert a['epoch'] == b['epoch'] == 2
-    assert torch.allclose(a['queue']['keys'], b['queue']['keys'], atol=1e-5)
-    for key, value in a['student'].items():
-        assert torch.allclose(value.float(), b['student'][key].float(), atol=1e-5), key
+    assert 'resuming it, as --resume=auto' in result.stdout and 'at epoch 0 step 2' in result.stdout
+    resumed = checkpoint.load(os.path.join(out, 'checkpoint.pth'))
+    assert _same_training_state(resumed, checkpoint.load(os.path.join(two_process_run[0], 'checkpoint.pth')))
+    # A finished run is left as it is.
+    before = {name: open(os.path.join(out, name), 'rb').read() for name in os.listdir(out)}
+    result = distill(tiny_folder, out, **command)
+    assert result.returncode == 0 and 'nothing to do' in result.stdout
+    assert {name: open(os.path.join(out, name), 'rb').read() for name in os.listdir(out)} == before
+
+
+def test_resuming_with_flags_that_change_the_run_is_refused(tiny_folder, bingo_inputs, two_process_run, tmp_path):
+    teacher, bags = bingo_inputs
+    out = str(tmp_path / 'changed')
+    shutil.copytree(two_process_run[0], out)
+    result = distill(tiny_folder, out, teacher=teacher, neighbours=bags, lr=0.1, queue_size=32, workers=1,
+                     resume='auto')
+    assert result.returncode == 1 and len(result.stderr.splitlines()) == 1
+    assert '--lr: 0.03 -> 0.1; --queue_size: 16 -> 32' in result.stderr
+    assert '--workers' not in result.stderr  # how a run runs may change
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_folder, bingo_inputs, two_process_run, tmp_path):
@@ -135,8 +170,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_folder, bingo_
     out = str(tmp_path / 'nan')
     shutil.copytree(two_process_run[0], out)
     good = checkpoint.load(os.path.join(out, 'checkpoint.pth'))
-    result = distill(tiny_folder, out, teacher=teacher, neighbours=bags, epochs=3, resume='auto',
-                     lr=1e30, batch_size=8)
+    # The first epoch of a run whose later epochs diverge.
+    good['flags'].update(lr=1e30, epochs=3)
+    checkpoint.save_atomic(good, os.path.join(out, 'checkpoint.pth'))
+    result = distill(tiny_folder, out, teacher=teacher, neighbours=bags, epochs=3, lr=1e30)
     assert result.returncode != 0 and 'loss is nan' in result.stderr
     kept = checkpoint.load(os.path.join(out, 'checkpoint.pth'))
     assert kept['epoch'] == good['epoch'] == 1
@@ -156,12 +193,13 @@ def test_moco_method_trains_from_scratch_with_the_device_data_pipeline(tiny_fold
 @pytest.mark.parametrize('flags, message', [
     (dict(queue_size=12), '--queue_size=12 must be a multiple'),
     (dict(neighbours=None), '--method=bingo needs --teacher and --neighbours'),
+    (dict(batch_size=32, queue_size=32), '--batch_size=32 exceeds the 24 images'),
 ])
 def test_bad_flags_are_refused(tiny_folder, bingo_inputs, tmp_path, flags, message):
     teacher, bags = bingo_inputs
     options = {'teacher': teacher, 'neighbours': bags, **flags}
     result = distill(tiny_folder, str(tmp_path / 'run'), **{k: v for k, v in options.items() if v is not None})
-    assert result.returncode != 0 and message in result.stderr
+    assert result.returncode != 0 and message in result.stderr and 'Traceback' not in result.stderr
 
 
 def test_neighbour_file_of_another_dataset_is_refused(tiny_folder, bingo_inputs, tmp_path):
@@ -171,3 +209,15 @@ def test_neighbour_file_of_another_dataset_is_refused(tiny_folder, bingo_inputs,
     save_neighbours(bags, np.stack([(np.arange(n) + 1) % n] * 3, axis=1), {'dataset_fingerprint': 'f' * 64})
     result = distill(tiny_folder, str(tmp_path / 'run'), teacher=teacher, neighbours=bags)
     assert result.returncode != 0 and 'other.npy' in result.stderr and 'f' * 12 in result.stderr
+
+
+def test_a_second_run_on_a_locked_output_dir_is_refused(tiny_folder, bingo_inputs, tmp_path):
+    teacher, bags = bingo_inputs
+    out = tmp_path / 'busy'
+    out.mkdir()
+    holder = {'host': socket.gethostname(), 'pid': os.getpid(), 'started': 'now', 'command': 'pytest'}
+    (out / rundir.LOCK).write_text(json.dumps(holder))
+    result = distill(tiny_folder, str(out), teacher=teacher, neighbours=bags)
+    assert result.returncode == 1 and f'is in use by pid {os.getpid()}' in result.stderr
+    assert os.listdir(out) == [rundir.LOCK]
+

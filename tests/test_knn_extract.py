@@ -17,11 +17,12 @@ from tests.multiprocess import torchrun, torchrun_env
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_script(script, nproc=1, **flags):
-    """Run a stage script with --flag=value arguments; returns the completed process."""
+def run_script(script, nproc=1, env=None, **flags):
+    """Run a stage script with --flag=value arguments (and `env` added to the environment);
+    returns the completed process."""
     args = [f'--{key}={value}' for key, value in flags.items()]
     return subprocess.run(torchrun(nproc) + [os.path.join(REPO, script)] + args, cwd=REPO,
-                          env=torchrun_env(), capture_output=True, text=True, timeout=300)
+                          env={**torchrun_env(), **(env or {})}, capture_output=True, text=True, timeout=300)
 
 
 def extract(data_dir, teacher, output, nproc=1, **flags):
@@ -65,6 +66,7 @@ def test_neighbours_are_the_exact_nearest_by_index(tiny_folder, teacher_file, on
     sidecar = json.load(open(output + '.json'))
     assert sidecar['dataset_fingerprint'] == folder.fingerprint()
     assert sidecar['teacher_arch'] == 'resnet18' and sidecar['feature_dim'] == 512
+    assert sidecar['backend'] in ('faiss', 'torch')  # the engine used, not the flag's 'auto'
     assert 'bag precision' in stdout
 
 
@@ -87,13 +89,23 @@ def test_wrong_architecture_checkpoint_names_the_file(tiny_folder, teacher_file,
     assert 'resnet18_teacher.pth' in result.stderr and 'layer1.2' in result.stderr
 
 
-def test_corrupt_image_names_the_file(tiny_folder, teacher_file, tmp_path):
+def test_every_unreadable_image_is_named_in_one_line(tiny_folder, teacher_file, tmp_path):
     data = tmp_path / 'data'
     shutil.copytree(tiny_folder, data)
-    victim = sorted((data / 'train').glob('*/*'))[5]
-    victim.write_bytes(b'not an image')
-    result = extract(str(data), teacher_file, str(tmp_path / 'x.npy'))
-    assert result.returncode != 0 and victim.name in result.stderr
+    victims = sorted((data / 'train').glob('*/*'))[5:16:10]
+    for victim in victims:
+        victim.write_bytes(b'not an image')
+    result = extract(str(data), teacher_file, str(tmp_path / 'x.npy'), workers=1)
+    assert result.returncode == 1 and len(result.stderr.splitlines()) == 1
+    assert '2 of the 24 images' in result.stderr and all(v.name in result.stderr for v in victims)
+    assert not os.path.exists(tmp_path / 'x.npy')
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tiny_folder, tmp_path):
+    (tmp_path / 'a_folder').mkdir()
+    # The teacher does not exist: the output is checked first.
+    result = extract(tiny_folder, str(tmp_path / 'no_teacher.pth'), str(tmp_path / 'a_folder'))
+    assert result.returncode == 1 and f'--output={tmp_path / "a_folder"} is a folder' in result.stderr
 
 
 def test_missing_data_dir_is_named(teacher_file, tmp_path):

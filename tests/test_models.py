@@ -193,7 +193,8 @@ def test_torchvision_checkpoint(tmp_path):
     backbone = load_backbone('resnet50', str(path))
     reference.fc = nn.Identity()
     _assert_same_outputs(reference, backbone)
-    with pytest.raises(CheckpointError, match='no projection head'):
+    # A bare backbone (torchvision, DINO, Barlow Twins releases) is a teacher of stage 1 only.
+    with pytest.raises(CheckpointError, match='no projection head.*serves stage 1, knn_extract.py, only'):
         load_teacher('resnet50', str(path))
 
 
@@ -271,5 +272,5 @@ def test_missing_or_unreadable_file(tmp_path):
         load_teacher('resnet18', str(tmp_path / 'nowhere.pth'))
     garbage = tmp_path / 'garbage.pth'
     garbage.write_text('not a checkpoint')
-    with pytest.raises(CheckpointError, match='cannot read checkpoint .*garbage.pth'):
+    with pytest.raises(CheckpointError, match='garbage.pth is truncated or not a checkpoint'):
         read_checkpoint(str(garbage))

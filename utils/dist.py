@@ -10,6 +10,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from utils.errors import UserError
+
 
 @dataclasses.dataclass
 class DistInfo:
@@ -72,6 +74,41 @@ def barrier():
 def cleanup():
     if is_dist():
         dist.destroy_process_group()
+
+
+def cpu_group():
+    """A process group for small CPU tensors, None in a one-process run: the default group under
+    gloo, a gloo group beside NCCL (collective: every rank must call it)."""
+    if not is_dist():
+        return None
+    if dist.get_backend() == 'gloo':
+        return dist.group.WORLD
+    return dist.new_group(backend='gloo')
+
+
+def gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (any picklable object)."""
+    if not is_dist():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def main_decides(decide):
+    """decide() on rank 0 alone (e.g. taking a lock); its result, or the UserError it raised,
+    reaches every rank, so all ranks go on or stop together."""
+    outcome = [None, None]
+    if is_main():
+        try:
+            outcome[0] = decide()
+        except UserError as e:
+            outcome[1] = e
+    if is_dist():
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        raise outcome[1]
+    return outcome[0]
 
 
 @torch.no_grad()

@@ -29,6 +29,8 @@ import math
 import numpy as np
 import torch
 
+from utils.errors import UserError
+
 BACKENDS = ('auto', 'faiss', 'torch')
 
 _BLOCK = 128                   # database rows per block maximum; matmuls want row counts of 128 n
@@ -41,7 +43,7 @@ _FP32_UNIT_ROUNDOFF = 2.0 ** -24
 _BF16_UNIT_ROUNDOFF = 2.0 ** -8
 
 
-class FaissNotInstalledError(ValueError, ImportError):
+class FaissNotInstalledError(UserError, ValueError, ImportError):
     """backend='faiss' was asked for but faiss cannot be imported."""
 
 
@@ -63,7 +65,7 @@ def _faiss_has_gpu(faiss):
 
 
 def resolve_backend(backend, device):
-    """The engine that `search` uses for `backend` on `device`: 'faiss' or 'torch'."""
+    """The engine `search` uses for `backend` on `device`: 'faiss' or 'torch' ('auto' resolved)."""
     if backend not in BACKENDS:
         raise ValueError(f'knn backend {backend!r} is not one of {BACKENDS}')
     faiss = _import_faiss()

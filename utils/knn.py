@@ -10,6 +10,7 @@ Features are L2-normalised, so inner-product order is L2-distance order. Engines
 """
 import contextlib
 import functools
+import logging
 import math
 
 import numpy as np
@@ -31,6 +32,9 @@ class FaissNotInstalledError(ValueError, ImportError):
 
 def _import_faiss():
     """The faiss module, or None when it is not installed."""
+    # faiss's loader logs every CPU build it tries ("Could not load library ... ModuleNotFoundError")
+    # at INFO, which absl prints: not errors, so only its warnings are let through.
+    logging.getLogger('faiss.loader').setLevel(logging.WARNING)
     try:
         import faiss
     except ImportError:

@@ -98,11 +98,11 @@ def load_neighbours(path, dataset_size, fingerprint, fmt='sidecar', k=None, repo
                 report)
     if sidecar is None:
         if fmt == 'released':
-            report(f'neighbours file {path}: released format, {n} x {width} used as {n} x '
-                   f'{neighbours.shape[1]}; checked: one row per dataset image, integer indices in '
-                   f'0..{n - 1}. NOT checked: that it was built from these images in this order (a bare '
-                   f'.npy records no dataset fingerprint); bags built for another copy or order of the '
-                   f'dataset would train without any error.')
+            used = f', the first {neighbours.shape[1]} columns used' if neighbours.shape[1] < width else ''
+            report(f'neighbours file {path}: released format, {n} x {width}{used}; checked: one row per '
+                   f'dataset image, integer indices in 0..{n - 1}. NOT checked: that it was built from '
+                   f'these images in this order (a bare .npy records no dataset fingerprint); bags built '
+                   f'for another copy or order of the dataset would train without any error.')
             return neighbours
         if fingerprint is None:
             return neighbours
@@ -135,9 +135,9 @@ def _check_self(path, neighbours, allowed, report):
     if not allowed:
         raise NeighbourFileError(f'neighbours file {path}: row {row} lists image {row} itself '
                                  f'({neighbours[row].tolist()}; {self_rows.size} such rows)')
-    report(f'neighbours file {path}: {self_rows.size} rows list the image itself (e.g. row {row}: '
-           f'{neighbours[row].tolist()}), where a duplicate image outranked it in the search; used as '
-           f'they are, as the released trainer does')
+    report(f'neighbours file {path}: {self_rows.size} of {len(neighbours)} rows list the image itself '
+           f'(e.g. row {row}: {neighbours[row].tolist()}), where a duplicate image outranked it in the '
+           f'search; used as they are, as the released trainer does')
 
 
 def bag_precision(neighbours, targets):

@@ -241,7 +241,7 @@ def test_released_rows_listing_the_image_itself_are_kept_and_counted(tmp_path):
     np.save(path, with_self)
     lines = []
     assert np.array_equal(load_neighbours(path, 6, None, fmt='released', report=lines.append), with_self)
-    assert any('1 rows list the image itself' in line and 'row 0' in line for line in lines)
+    assert any('1 of 6 rows list the image itself' in line and 'row 0' in line for line in lines)
     with pytest.raises(NeighbourFileError, match='row 0 lists image 0 itself'):
         load_neighbours(path, 6, None)  # this project's files never do, unless made by the released rule:
     save_neighbours(path, with_self, {'dataset_fingerprint': 'abc', 'self_removal': 'first_column'})

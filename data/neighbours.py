@@ -84,7 +84,7 @@ def load_neighbours(path, dataset_size, fingerprint, fmt='sidecar', k=None, repo
                                  f'{dataset_size} images')
     if k is not None and not 1 <= k <= width:
         raise NeighbourFileError(f'neighbours file {path} has {width} neighbours per image; '
-                                 f'the first {k} were asked for')
+                                 f'the first {k} were asked for (--clus_pos_num)')
     # Only the columns used are checked: the released trainer never reads the others.
     neighbours = neighbours[:, :k].astype(np.int64, copy=False)
     bad_rows = np.flatnonzero(((neighbours < 0) | (neighbours >= n)).any(axis=1))

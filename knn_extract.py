@@ -5,7 +5,8 @@ writes the bags, an (N, k) array of dataset indices, nearest first (SPEC stage 1
         --teacher_arch=resnet50 --output=bags/r50_moco800_k5.npy
 
 Each rank embeds its shard in dataset order; rows are reassembled by dataset index, every rank
-holds the whole feature matrix and searches its share of the queries.
+holds the whole feature matrix and searches its share of the queries. `--batch_size` is global,
+as in the other two stages.
 """
 import hashlib
 import os
@@ -31,7 +32,7 @@ flags.DEFINE_string('teacher', None, 'Teacher checkpoint.')
 flags.DEFINE_enum('teacher_arch', 'resnet50', ARCHS, 'Teacher backbone.')
 flags.DEFINE_enum('teacher_format', 'auto', FORMATS, 'Teacher checkpoint layout.')
 flags.DEFINE_integer('clus_pos_num', 5, 'k, neighbours kept per image (the released name).')
-flags.DEFINE_integer('batch_size', 256, 'Images per process per forward pass.')
+flags.DEFINE_integer('batch_size', 256, 'Global batch size, split evenly across processes.')
 flags.DEFINE_integer('workers', 8, 'DataLoader workers per process.')
 flags.DEFINE_integer('image_size', 224, 'Centre-crop size (Resize to size*256/224 first).')
 flags.DEFINE_string('output', None, 'Neighbour file to write (.npy; a .json sidecar goes beside it).')
@@ -44,6 +45,11 @@ flags.DEFINE_enum('precision', 'fp32', ['fp32', 'bf16'], 'Teacher arithmetic: fp
 flags.DEFINE_bool('channels_last', False, 'Channels-last teacher and images.')
 flags.DEFINE_string('reference_neighbours', None, 'A neighbour file of the same data made with the default '
                     'settings: prints the share of rows the new bags share with it (to judge the opt-ins).')
+flags.DEFINE_enum('self_removal', 'anywhere', ['anywhere', 'first_column'],
+                  "anywhere: the image's own index is removed from its k+1 nearest wherever it appears "
+                  '(SPEC); first_column: column 0 of the k+1 nearest is dropped whatever it holds (the '
+                  'released compute_knn.py; the two differ only where a duplicate image outranks the '
+                  'image itself).')
 flags.DEFINE_string('device', 'auto', "'auto' (CUDA when available), 'cuda' or 'cpu'.")
 flags.DEFINE_integer('report_freq', 20, 'Print progress every this many batches.')
 flags.mark_flags_as_required(['data_dir', 'teacher', 'output'])
@@ -60,6 +66,9 @@ def file_sha256(path, chunk=1 << 24):
 def main(argv):
     del argv
     info = dist.init_distributed(FLAGS.device)
+    if FLAGS.batch_size % info.world_size:
+        raise app.UsageError(f'--batch_size={FLAGS.batch_size} (global) is not divisible by '
+                             f'{info.world_size} processes')
     start = time.time()
     checkpoint.check_writable(FLAGS.output, '--output')
     checkpoint.check_writable(sidecar_path(FLAGS.output), '--output')
@@ -76,12 +85,16 @@ def main(argv):
         with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=FLAGS.precision == 'bf16'):
             return teacher(images.contiguous(memory_format=memory_format)).float()
 
+    per_rank_batch = FLAGS.batch_size // info.world_size
     if FLAGS.data_pipeline == 'gpu':  # the first unreadable image stops the run, named
-        loader, sampler = make_loader(EncodedTwoViewDataset(folder), FLAGS.batch_size, FLAGS.workers, train=False)
+        loader, sampler = make_loader(EncodedTwoViewDataset(folder), per_rank_batch, FLAGS.workers, train=False)
         loader = EncodedEvalBatches(loader, folder.targets, info.device, FLAGS.image_size,
                                     resize_size(FLAGS.image_size))
     else:  # unreadable images are marked, not fatal, so that one pass names them all
-        loader, sampler = make_loader(MarkUnreadable(folder), FLAGS.batch_size, FLAGS.workers, train=False)
+        loader, sampler = make_loader(MarkUnreadable(folder), per_rank_batch, FLAGS.workers, train=False)
+    if dist.is_main():
+        print(f'embedding {len(folder)} images: {len(loader)} steps of {FLAGS.batch_size} '
+              f'({per_rank_batch} per process) on {info.world_size} x {info.device.type}', flush=True)
     shard, shard_labels = embed(network, loader, info.device, {'stage': 'embed'}, FLAGS.report_freq)
     features = gather_by_index(shard, list(sampler), len(folder))  # (N, d) on every rank
     unreadable = (gather_by_index(shard_labels, list(sampler), len(folder)) == UNREADABLE).nonzero().flatten()
@@ -94,8 +107,11 @@ def main(argv):
     share = -(-n // world)
     begin, end = min(info.rank * share, n), min((info.rank + 1) * share, n)
     search_start = time.time()
-    rows = torch.as_tensor(knn.neighbours_excluding_self(features, k, FLAGS.knn_backend, (begin, end),
-                                                         chunk_size=FLAGS.chunk_size))
+    if FLAGS.self_removal == 'first_column':  # as released: the nearest is taken to be the image itself
+        rows = knn.search(features, features[begin:end], k + 1, FLAGS.knn_backend, FLAGS.chunk_size)[1][:, 1:]
+    else:
+        rows = torch.as_tensor(knn.neighbours_excluding_self(features, k, FLAGS.knn_backend, (begin, end),
+                                                             chunk_size=FLAGS.chunk_size))
     rows = torch.cat([rows, rows.new_zeros(share - rows.shape[0], k)]).to(info.device)
     neighbours = dist.all_gather_cat(rows)[:n].cpu().numpy()
     search_seconds = time.time() - search_start
@@ -106,7 +122,8 @@ def main(argv):
             'teacher_arch': FLAGS.teacher_arch, 'teacher_checkpoint': os.path.basename(FLAGS.teacher),
             'teacher_sha256': file_sha256(FLAGS.teacher), 'feature_dim': features.shape[1],
             'dataset_root': os.path.abspath(folder.root), 'dataset_fingerprint': folder.fingerprint(),
-            'backend': knn.resolve_backend(FLAGS.knn_backend, features.device), 'world_size': world,
+            'backend': knn.resolve_backend(FLAGS.knn_backend, features.device),
+            'self_removal': FLAGS.self_removal, 'world_size': world,
             'bag_precision': precision,
             'embed_seconds': round(embed_seconds, 2), 'search_seconds': round(search_seconds, 2),
             'data_pipeline': FLAGS.data_pipeline, 'precision': FLAGS.precision,

@@ -18,7 +18,7 @@ from absl import app, flags
 from data.bags import BagDataset, TwoViewDataset
 from data.folder import ImageFolder
 from data.jpeg_bags import EncodedBagDataset, EncodedTwoViewDataset, views_on_device
-from data.neighbours import load_neighbours
+from data.neighbours import FORMATS as NEIGHBOUR_FORMATS, load_neighbours
 from data.transforms import moco_v2_augmentation
 from models import ARCHS, build_student, load_teacher
 from models.checkpoints import FORMATS
@@ -35,6 +35,12 @@ flags.DEFINE_string('output_dir', None, 'Where checkpoints, student_backbone.pth
 flags.DEFINE_enum('method', 'bingo', ['bingo', 'moco'], 'bingo: distil from --teacher; moco: MoCo v2 from scratch.')
 flags.DEFINE_enum('arch', 'resnet18', ARCHS, 'Student backbone.')
 flags.DEFINE_string('neighbours', None, 'Neighbour file (N, k) .npy written by knn_extract.py (bingo).')
+flags.DEFINE_enum('neighbours_format', 'sidecar', NEIGHBOUR_FORMATS,
+                  "sidecar: knn_extract.py's file, checked against the dataset through its .json sidecar; "
+                  "released: a bare .npy of the released compute_knn.py (shape, dtype and index range "
+                  "checked; the dataset it was built from cannot be).")
+flags.DEFINE_integer('clus_pos_num', None, 'Use the first k neighbours of each row, as the released trainer '
+                     'does (its default 5); default: every column of the file.')
 flags.DEFINE_string('teacher', None, 'Teacher checkpoint (bingo).')
 flags.DEFINE_enum('teacher_arch', 'resnet50', ARCHS, 'Teacher backbone.')
 flags.DEFINE_enum('teacher_format', 'auto', FORMATS, 'Teacher checkpoint layout.')
@@ -81,7 +87,7 @@ flags.mark_flags_as_required(['data_dir', 'output_dir'])
 # HOW_FLAGS change only how it runs, and may change on resuming. Every flag above is in one list.
 RUN_FLAGS = ('data_dir', 'method', 'arch', 'neighbours', 'teacher', 'teacher_arch', 'teacher_bn', 'bag_loss',
              'epochs', 'batch_size', 'lr', 'weight_decay', 'momentum', 'temperature', 'queue_size', 'lam',
-             'warmup_epochs', 'moco_momentum', 'image_size', 'seed')
+             'warmup_epochs', 'moco_momentum', 'image_size', 'seed', 'neighbours_format', 'clus_pos_num')
 HOW_FLAGS = ('output_dir', 'resume', 'teacher_format', 'workers', 'data_pipeline', 'precision', 'channels_last',
              'fast_views', 'compile', 'cudnn_benchmark', 'cuda_graphs', 'fast', 'save_freq', 'report_freq',
              'device')
@@ -125,7 +131,8 @@ def build_model(folder, speed):
         if FLAGS.data_pipeline == 'gpu':
             return model, EncodedTwoViewDataset(folder)
         return model, TwoViewDataset(folder, augmentation)
-    neighbours = load_neighbours(FLAGS.neighbours, len(folder), folder.fingerprint())
+    neighbours = load_neighbours(FLAGS.neighbours, len(folder), folder.fingerprint(), FLAGS.neighbours_format,
+                                 FLAGS.clus_pos_num, report=print if dist.is_main() else None)
     teacher = load_teacher(FLAGS.teacher_arch, FLAGS.teacher, FLAGS.teacher_format)
     model = build_training_module('bingo', student, teacher, bag_loss=FLAGS.bag_loss,
                                   teacher_bn=FLAGS.teacher_bn, **options)

@@ -11,7 +11,7 @@ TEACHER_FORMAT=${TEACHER_FORMAT:-auto}                             # auto|moco|s
 K=${K:-5}                                                          # clus_pos_num
 OUTPUT=${OUTPUT:-bags/moco_v2_800ep_k5.npy}
 GPUS=${GPUS:-8}
-BATCH=${BATCH:-256}                                                # images per GPU per pass
+BATCH=${BATCH:-$((256 * GPUS * ${NNODES:-1}))}                      # global batch (256 per GPU)
 WORKERS=${WORKERS:-8}
 BACKEND=${BACKEND:-auto}                                           # auto|faiss|torch
 

@@ -1,20 +1,23 @@
 """Backbones by name: the pooled output of the last stage, no classifier.
 
-Parameter names follow torchvision (resnets: conv1, bn1, layer1..4; efficientnet and
-mobilenet: features.*) so that released teacher weights and torchvision state dicts load
-with strict=True once their classifier keys are dropped.
+Parameter names follow the definition each network comes from, so that released weights load
+with strict=True once their classifier keys are dropped: torchvision's (resnets: conv1, bn1,
+layer1..4; mobilenet: features.*) and, for efficientnet_b0, lukemelas' efficientnet_pytorch
+(_conv_stem, _bn0, _blocks.*, _conv_head, _bn1), the package the BINGO release vendored.
 """
 import torch
 import torch.nn as nn
 import torchvision
+from efficientnet_pytorch import EfficientNet
 from torchvision.models.resnet import Bottleneck
 
 SWAV_WIDTHS = {'resnet50w2': 2, 'resnet50w4': 4, 'resnet50w5': 5}
 ARCHS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', *SWAV_WIDTHS,
          'efficientnet_b0', 'mobilenet_v3_large')
 
-# Keys of torchvision's classifiers; a torchvision state dict loads once these are dropped.
-CLASSIFIER_PREFIXES = ('fc.', 'classifier.')
+# Keys of the classifiers (torchvision's fc / classifier, efficientnet_pytorch's _fc); a plain
+# state dict of either library loads once these are dropped.
+CLASSIFIER_PREFIXES = ('fc.', 'classifier.', '_fc.')
 
 
 class SwAVWideResNet(nn.Module):
@@ -75,10 +78,25 @@ def _torchvision_backbone(arch):
         feature_dim = model.fc.in_features
         model.fc = nn.Identity()
     else:
-        # efficientnet / mobilenet: the classifier's first Linear reads the pooled features.
+        # mobilenet: the classifier's first Linear reads the pooled features.
         feature_dim = next(m for m in model.classifier if isinstance(m, nn.Linear)).in_features
         model.classifier = nn.Identity()
     model.feature_dim = feature_dim
+    return model
+
+
+def _released_efficientnet_b0():
+    """EfficientNet-B0 as the BINGO release built its student: efficientnet_pytorch's
+    EfficientNet.from_name('efficientnet-b0') (BatchNorm momentum 0.01 and eps 1e-3, TensorFlow
+    "SAME" padding computed for 224 px, stochastic depth 0.2, PyTorch's default initialisation).
+
+    The release swapped the classifier `fc` for the projection head, so the pooled 1280-d feature
+    still passes the package's Dropout(0.2) before the head; here the classifier `_fc` becomes
+    nn.Identity, so forward = pool -> flatten -> Dropout(0.2), active in train mode only.
+    """
+    model = EfficientNet.from_name('efficientnet-b0')
+    model._fc = nn.Identity()
+    model.feature_dim = model._bn1.num_features
     return model
 
 
@@ -86,6 +104,8 @@ def build_backbone(arch):
     """Randomly initialised backbone `arch`; forward gives (B, feature_dim) pooled features."""
     if arch in SWAV_WIDTHS:
         return SwAVWideResNet(SWAV_WIDTHS[arch])
+    if arch == 'efficientnet_b0':
+        return _released_efficientnet_b0()
     if arch in ARCHS:
         return _torchvision_backbone(arch)
     raise ValueError(f"unknown arch '{arch}'; choose one of {', '.join(ARCHS)}")

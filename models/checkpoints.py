@@ -5,7 +5,8 @@ Supported layouts (keys may carry DistributedDataParallel's 'module.' prefix):
                head fc.0/fc.2 (v2 MLP) or fc.weight/fc.bias (v1 linear); encoder_k and queue ignored.
   swav         plain state dict {'module.<backbone>', 'module.projection_head.{0,1,3}.*',
                'module.prototypes.weight'}; the prototypes are not needed and are dropped.
-  torchvision  plain backbone state dict; the classifier (fc.* / classifier.*) is dropped.
+  torchvision  plain backbone state dict (torchvision's layout; efficientnet_pytorch's for
+               efficientnet_b0); the classifier (fc.* / classifier.* / _fc.*) is dropped.
   bingo        this project's distillation checkpoint {'student': Embedder state dict, 'arch', ...}.
 Every load is strict: a missing, unexpected or mis-shaped key is a CheckpointError, never skipped.
 """
@@ -26,7 +27,7 @@ FORMATS = ('auto', 'moco', 'swav', 'torchvision', 'bingo')
 _EXPECTED_LAYOUT = {
     'moco': "{'state_dict': {'module.encoder_q.*': tensor, ...}, ...}",
     'swav': "a state dict of tensors ('module.*', 'module.projection_head.*', 'module.prototypes.*')",
-    'torchvision': "a state dict of tensors ('conv1.*', 'layer1.*', ... or 'features.*')",
+    'torchvision': "a state dict of tensors ('conv1.*', 'layer1.*', ..., 'features.*' or '_conv_stem.*')",
     'bingo': "{'student': {'backbone.*': tensor, 'head.*': tensor}, 'arch': str, ...}",
 }
 
@@ -75,7 +76,7 @@ def _detect_format(obj):
         return 'moco'
     if any(k.startswith(('projection_head.', 'prototypes.')) for k in state):
         return 'swav'
-    if any(k.startswith(('conv1.', 'features.')) for k in state):
+    if any(k.startswith(('conv1.', 'features.', '_conv_stem.')) for k in state):
         return 'torchvision'
     return None
 

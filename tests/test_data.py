@@ -248,6 +248,52 @@ def test_bare_npy_loads_only_without_a_fingerprint(tmp_path):
         load_neighbours(path, 6, 'abc')
 
 
+def test_released_bare_file_loads_and_says_what_was_not_checked(tmp_path):
+    path = str(tmp_path / 'imgs_corr_swav_epoch400.npy')
+    np.save(path, NEIGHBOURS.astype(np.int32))  # no sidecar, as compute_knn.py writes it
+    with pytest.raises(NeighbourFileError, match='--neighbours_format=released'):
+        load_neighbours(path, 6, 'abc')
+    lines = []
+    loaded = load_neighbours(path, 6, 'abc', fmt='released', report=lines.append)
+    assert loaded.dtype == np.int64 and np.array_equal(loaded, NEIGHBOURS)
+    assert len(lines) == 1 and path in lines[0] and 'NOT checked' in lines[0] and 'fingerprint' in lines[0]
+    for array, size, message in [(NEIGHBOURS, 7, 'has 6 rows but the dataset has 7 images'),
+                                 (NEIGHBOURS.astype(np.float64), 6, 'dtype float64'),
+                                 (corrupt(NEIGHBOURS, 1, 0, 6), 6, 'row 1 holds')]:
+        np.save(path, array)
+        with pytest.raises(NeighbourFileError, match=message):
+            load_neighbours(path, size, None, fmt='released')
+
+
+def test_first_k_columns_of_a_wider_file_as_the_released_clus_pos_num(tmp_path):
+    path = str(tmp_path / 'wide.npy')
+    wide = np.concatenate([NEIGHBOURS, np.full((6, 2), 99)], axis=1)  # columns 2, 3 never read
+    np.save(path, wide)
+    assert np.array_equal(load_neighbours(path, 6, None, fmt='released', k=2), NEIGHBOURS)
+    assert np.array_equal(load_neighbours(path, 6, None, fmt='released', k=1), NEIGHBOURS[:, :1])
+    with pytest.raises(NeighbourFileError, match='row 0 holds'):
+        load_neighbours(path, 6, None, fmt='released')  # all four columns: 99 is no image
+    with pytest.raises(NeighbourFileError, match='has 4 neighbours per image; the first 5 were asked for'):
+        load_neighbours(path, 6, None, fmt='released', k=5)
+
+
+def test_released_rows_listing_the_image_itself_are_kept_and_counted(tmp_path):
+    path = str(tmp_path / 'dup.npy')
+    # Images 0 and 1 are duplicates: the search put 1 first for image 0, so the release kept 0 itself.
+    with_self = corrupt(corrupt(NEIGHBOURS, 0, 0, 1), 0, 1, 0)
+    np.save(path, with_self)
+    lines = []
+    assert np.array_equal(load_neighbours(path, 6, None, fmt='released', report=lines.append), with_self)
+    assert any('1 of 6 rows list the image itself' in line and 'row 0' in line for line in lines)
+    with pytest.raises(NeighbourFileError, match='row 0 lists image 0 itself'):
+        load_neighbours(path, 6, None)  # this project's files never do, unless made by the released rule:
+    save_neighbours(path, with_self, {'dataset_fingerprint': 'abc', 'self_removal': 'first_column'})
+    assert np.array_equal(load_neighbours(path, 6, 'abc', report=lines.append), with_self)
+    np.save(path, np.concatenate([np.arange(6)[:, None], NEIGHBOURS], axis=1))
+    with pytest.raises(NeighbourFileError, match=r'column 0 of every row is the image itself.*\[:, 1:\]'):
+        load_neighbours(path, 6, None, fmt='released')
+
+
 def corrupt(neighbours, row, col, value):
     neighbours = neighbours.copy()
     neighbours[row, col] = value

@@ -27,7 +27,7 @@ def run_script(script, nproc=1, env=None, **flags):
 
 def extract(data_dir, teacher, output, nproc=1, **flags):
     options = dict(data_dir=data_dir, teacher=teacher, teacher_arch='resnet18', output=output,
-                   image_size=32, batch_size=5, workers=0, device='cpu', clus_pos_num=3)
+                   image_size=32, batch_size=6, workers=0, device='cpu', clus_pos_num=3)
     return run_script('knn_extract.py', nproc, **{**options, **flags})
 
 
@@ -75,6 +75,30 @@ def test_two_processes_write_the_same_file(tiny_folder, teacher_file, one_proces
     result = extract(tiny_folder, teacher_file, output, nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     assert np.array_equal(np.load(output), np.load(one_process_result[0]))
+
+
+def test_global_batch_split_across_processes_released_self_removal_and_quiet_faiss(
+        tiny_folder, teacher_file, one_process_result, tmp_path):
+    output = str(tmp_path / 'released_rule.npy')
+    result = extract(tiny_folder, teacher_file, output, nproc=2, batch_size=4, knn_backend='faiss',
+                     self_removal='first_column')
+    assert result.returncode == 0, result.stderr[-3000:]
+    # --batch_size is global, as main_distill.py and main_lincls.py read it: 24 images in 6 steps
+    # of 4, each of the 2 processes loading 2 images a step.
+    assert 'embedding 24 images: 6 steps of 4 (2 per process) on 2 x cpu' in result.stdout
+    # Without duplicate images the image itself is the nearest, so the released rule (drop column 0
+    # of the k+1 nearest) gives the same bags as removing the image wherever it appears.
+    assert np.array_equal(np.load(output), np.load(one_process_result[0]))
+    assert json.load(open(output + '.json'))['self_removal'] == 'first_column'
+    # faiss was imported and searched, yet none of its loader's lines reached the user.
+    log = result.stdout + result.stderr
+    assert not any(line in log for line in ('Loading faiss', 'Could not load library', 'ModuleNotFoundError'))
+
+
+def test_global_batch_not_divisible_by_processes_is_refused(tiny_folder, teacher_file, tmp_path):
+    result = extract(tiny_folder, teacher_file, str(tmp_path / 'x.npy'), nproc=2, batch_size=5)
+    assert result.returncode != 0
+    assert '--batch_size=5 (global) is not divisible by 2 processes' in result.stderr
 
 
 def test_k_not_below_dataset_size_is_refused(tiny_folder, teacher_file, tmp_path):

@@ -8,7 +8,9 @@ import argparse
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
+from efficientnet_pytorch import EfficientNet
 
 from models.backbones import ARCHS, CLASSIFIER_PREFIXES, build_backbone
 from models.checkpoints import CheckpointError, load_backbone, load_teacher, read_checkpoint
@@ -101,7 +103,7 @@ def test_unknown_arch_lists_choices():
         build_backbone('resnet9000')
 
 
-@pytest.mark.parametrize('arch', ['resnet18', 'resnet50', 'efficientnet_b0', 'mobilenet_v3_large'])
+@pytest.mark.parametrize('arch', ['resnet18', 'resnet50', 'mobilenet_v3_large'])
 def test_torchvision_weights_round_trip(arch):
     reference = getattr(torchvision.models, arch)(weights=None)
     backbone = build_backbone(arch)
@@ -110,6 +112,83 @@ def test_torchvision_weights_round_trip(arch):
     result = getattr(torchvision.models, arch)(weights=None).load_state_dict(backbone.state_dict(), strict=False)
     assert result.unexpected_keys == []
     assert result.missing_keys and all(k.startswith(CLASSIFIER_PREFIXES) for k in result.missing_keys)
+
+
+# ---------------------------------------------------------------- EfficientNet-B0 as released
+
+def _package_b0(seed=0):
+    """efficientnet_pytorch's own EfficientNet-B0, the network the BINGO release vendored."""
+    torch.manual_seed(seed)
+    return EfficientNet.from_name('efficientnet-b0')
+
+
+def _package_pooled(network, x):
+    """The package network's pooled 1280-d feature, the input of its dropout and classifier."""
+    return network._avg_pooling(network.extract_features(x)).flatten(start_dim=1)
+
+
+def test_efficientnet_b0_is_the_package_network_without_its_classifier():
+    reference = _package_b0()
+    torch.manual_seed(0)
+    backbone = build_backbone('efficientnet_b0')
+    # The package's names, in its order, less the classifier; the package's initialisation (the
+    # same seed gives the same tensors, so nothing re-initialises them afterwards).
+    expected = {k: v for k, v in reference.state_dict().items() if not k.startswith('_fc.')}
+    assert list(backbone.state_dict()) == list(expected)
+    assert all(torch.equal(backbone.state_dict()[k], v) for k, v in expected.items())
+    # The same weights give the same pooled features, and the package's logits on top of them.
+    _with_random_bn_stats(reference)
+    backbone.load_state_dict(expected, strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(backbone.eval()(x), _package_pooled(reference.eval(), x))
+        assert torch.equal(reference(x), reference._fc(backbone(x)))
+
+
+def test_efficientnet_b0_dropout_sits_before_the_head_in_train_mode_only():
+    reference = _package_b0()
+    torch.manual_seed(0)
+    student = build_student('efficientnet_b0')
+    student.backbone.load_state_dict(reference.state_dict(), strict=False)
+    x = torch.randn(4, 3, 64, 64)
+    # Train mode: stochastic depth in the blocks, then Dropout(0.2) on the pooled feature. The same
+    # seed draws the same masks, so the student is head(dropout(package's pooled feature)).
+    torch.manual_seed(1)
+    embedding = student.train()(x)
+    torch.manual_seed(1)
+    dropped = F.dropout(_package_pooled(reference.train(), x), p=0.2, training=True)
+    assert (dropped == 0).any()
+    torch.testing.assert_close(embedding, F.normalize(student.head(dropped), dim=1), rtol=0, atol=1e-6)
+    # Eval mode: no dropout, no stochastic depth; the same output every time.
+    student.eval()
+    reference.eval()
+    with torch.no_grad():
+        features = student.backbone(x)
+        assert torch.equal(features, student.backbone(x))
+        assert torch.equal(features, _package_pooled(reference, x)) and (features != 0).all()
+
+
+def test_efficientnet_b0_batch_norm_and_same_padding_are_the_packages():
+    backbone = build_backbone('efficientnet_b0')
+    norms = [m for m in backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    # momentum 1 - 0.99 (TensorFlow's convention turned into PyTorch's), exactly as the package computes it
+    assert len(norms) == 49 and all(m.momentum == 1 - 0.99 and m.eps == 1e-3 for m in norms)
+    assert norms[0].momentum == pytest.approx(0.01)
+    # TensorFlow "SAME" for a stride-2 3x3 stem on 224 px: one pixel right and bottom, none left or top.
+    assert backbone._conv_stem.padding == (0, 0)
+    assert backbone._conv_stem.static_padding.padding == (0, 1, 0, 1)
+    assert backbone.feature_dim == 1280 and backbone._dropout.p == 0.2
+
+
+def test_efficientnet_b0_package_state_dict_loads_as_a_plain_backbone(tmp_path):
+    reference = _with_random_bn_stats(_package_b0())
+    path = tmp_path / 'efficientnet-b0.pth'
+    torch.save(reference.state_dict(), path)  # with the package's classifier _fc
+    assert read_checkpoint(str(path)).fmt == 'torchvision'
+    backbone = load_backbone('efficientnet_b0', str(path))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(backbone.eval()(x), _package_pooled(reference.eval(), x))
 
 
 # ---------------------------------------------------------------- heads

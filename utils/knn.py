@@ -24,6 +24,7 @@ bounded scratch (re-scoring, exact fall-back: `_SCRATCH_ELEMENTS` float64 each).
 (N, D, C) only, never on the data.
 """
 import functools
+import logging
 import math
 
 import numpy as np
@@ -53,6 +54,9 @@ class BoundViolationError(RuntimeError):
 
 def _import_faiss():
     """The faiss module, or None when it is not installed."""
+    # faiss's loader logs every CPU build it tries ("Could not load library ... ModuleNotFoundError")
+    # at INFO, which absl prints: not errors, so only its warnings are let through.
+    logging.getLogger('faiss.loader').setLevel(logging.WARNING)
     try:
         import faiss
     except ImportError:

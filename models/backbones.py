@@ -8,7 +8,6 @@ layer1..4; mobilenet: features.*) and, for efficientnet_b0, lukemelas' efficient
 import torch
 import torch.nn as nn
 import torchvision
-from efficientnet_pytorch import EfficientNet
 from torchvision.models.resnet import Bottleneck
 
 SWAV_WIDTHS = {'resnet50w2': 2, 'resnet50w4': 4, 'resnet50w5': 5}
@@ -94,6 +93,11 @@ def _released_efficientnet_b0():
     still passes the package's Dropout(0.2) before the head; here the classifier `_fc` becomes
     nn.Identity, so forward = pool -> flatten -> Dropout(0.2), active in train mode only.
     """
+    try:  # only this network needs the package: the others run without it
+        from efficientnet_pytorch import EfficientNet
+    except ImportError as e:
+        raise ImportError('efficientnet_b0 is the release\'s efficientnet_pytorch network: '
+                          'pip install efficientnet-pytorch==0.7.1 (requirements.txt)') from e
     model = EfficientNet.from_name('efficientnet-b0')
     model._fc = nn.Identity()
     model.feature_dim = model._bn1.num_features

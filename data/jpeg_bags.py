@@ -18,7 +18,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from data.folder import DataError
-from data.gpu_augment import moco_v2_views
+from data.gpu_augment import CROP_SCALE, moco_v2_views
 
 _STANDALONE_MARKERS = {0x01, *range(0xD0, 0xD8)}  # TEM, RST0-7: no length field
 _NOT_FRAME_MARKERS = {0xC4, 0xC8, 0xCC}  # DHT, JPG, DAC share the SOFn range
@@ -144,14 +144,15 @@ def decode_images(encoded, paths, device):
     return images
 
 
-def gpu_views(batch, device, image_size, generator=None):
+def gpu_views(batch, device, image_size, generator=None, min_scale=CROP_SCALE[0]):
     """A collated batch of EncodedBagDataset / EncodedTwoViewDataset samples -> the views the
     training step takes: [q, k, pq, pk] (bags) or [q, k] (two views), each (B, 3, S, S) float32
-    on `device`, normalised. Random parameters come from `generator` or torch's global RNG."""
+    on `device`, normalised. Random parameters come from `generator` or torch's global RNG;
+    min_scale is the smallest area share of the crops."""
     encoded = [data for role in batch['encoded'] for data in role]  # roles one after the other
     paths = [path for role in batch['path'] for path in role]
     images = decode_images(encoded, paths, device)
-    views = moco_v2_views(images, image_size, views_per_image=2, generator=generator)
+    views = moco_v2_views(images, image_size, views_per_image=2, generator=generator, min_scale=min_scale)
     roles, size = len(batch['encoded']), len(batch['encoded'][0])
     views = views.view(roles, size, 2, 3, image_size, image_size).transpose(1, 2)
     return list(views.reshape(roles * 2, size, 3, image_size, image_size).unbind(0))

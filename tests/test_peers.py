@@ -2,7 +2,10 @@
 --method=seed / --method=disco end to end on 2 gloo processes, resumed and uninterrupted."""
 import json
 import os
+import re
 import shutil
+import stat
+import subprocess
 
 import pytest
 import torch
@@ -13,6 +16,9 @@ from models import build_student
 from models.distill import SEED, DisCo
 from models.loss import disco_loss, seed_loss
 from tests.test_distill import distill
+from tests.test_knn_extract import REPO
+from tests.test_lincls import TINY, run_main_lincls
+from tools import collect_results
 from utils import checkpoint
 
 
@@ -132,6 +138,57 @@ def test_resumed_peer_run_ends_like_an_uninterrupted_one(peer_run, tiny_folder, 
             assert torch.allclose(value.float(), b[part][key].float(), atol=1e-5), (part, key)
 
 
+def test_collector_tables_a_peer_run_under_its_method_and_teacher(peer_run, tiny_folder, capsys):
+    method, out, _ = peer_run
+    knn = [f'--data_dir={tiny_folder}', f'--pretrained={out}/checkpoint.pth', f'--output_dir={out}/knn',
+           '--eval=knn', '--knn_k=5', '--knn_backend=torch', '--batch_size=8', *TINY]
+    assert run_main_lincls({'knn': knn})['knn'][0] == 'result'
+    collect_results.main([out])
+    row = [cell.strip() for cell in capsys.readouterr().out.splitlines()[2].strip('|').split('|')]
+    name = collect_results.PEERS[method]
+    assert row[1:4] == [f'{name}, resnet18 (teacher.pth)', 'resnet18', '2']
+    # The ImageNet rows: the R-50w2 teacher's label finds the paper's number.
+    label = collect_results.teacher_label({'method': method, 'teacher_arch': 'resnet50w2',
+                                           'teacher': 'swav_RN50w2_400ep_pretrain.pth.tar'})
+    assert label == f'{name}, SwAV R-50w2'
+    assert collect_results.PAPER[(label, 'resnet18')][0] == {'seed': 63.0, 'disco': 65.2}[method]
+
+
 def test_a_peer_without_a_teacher_is_refused(tiny_folder, tmp_path):
     result = distill(tiny_folder, str(tmp_path / 'run'), method='disco')
     assert result.returncode != 0 and '--method=disco needs --teacher' in result.stderr
+
+
+def _flag(argv, name):
+    values = [arg.split('=', 1)[1] for arg in argv if arg.startswith(f'--{name}=')]
+    return values[-1] if values else None
+
+
+def test_row_scripts_launch_each_method_through_the_shared_launchers(tmp_path):
+    fake = tmp_path / 'bin' / 'torchrun'  # records each launch instead of training
+    fake.parent.mkdir()
+    fake.write_text('#!/usr/bin/env bash\necho "$@" >> "$LAUNCHES"\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    env = dict(os.environ, PATH=f'{fake.parent}{os.pathsep}{os.environ["PATH"]}', LAUNCHES=str(tmp_path / 'log'))
+    env.pop('METHOD', None)
+    defined = set(re.findall(r"DEFINE_\w+\('(\w+)'", open(os.path.join(REPO, 'main_distill.py')).read()))
+    for row, method in (('r18_swav_w2_seed', 'seed'), ('r34_swav_w2_seed', 'seed'), ('r18_swav_w2_disco', 'disco'),
+                        ('r34_swav_w2_disco', 'disco'), ('r18_swav_w2', 'bingo')):
+        (tmp_path / 'log').unlink(missing_ok=True)
+        done = subprocess.run(['bash', f'scripts/unsupervised/{row}.sh', '--workers=4'], cwd=REPO, env=env,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        [launch] = [line.split() for line in (tmp_path / 'log').read_text().splitlines()]
+        args = launch[launch.index('main_distill.py') + 1:]
+        assert (_flag(args, 'method'), _flag(args, 'output_dir'), _flag(args, 'teacher_arch')) == (
+            method, f'runs/{row}', 'resnet50w2')
+        assert (_flag(args, 'neighbours') is not None) == (method == 'bingo')
+        assert _flag(args, 'crop_min_scale') == ('0.14' if method == 'seed' else None)
+        assert args[-1] == '--workers=4' and {arg[2:].split('=')[0] for arg in args} <= defined
+        if method != 'bingo':  # the linear probe's row reads the same run
+            (tmp_path / 'log').unlink()
+            done = subprocess.run(['bash', f'scripts/lincls/{row}.sh'], cwd=REPO, env=env,
+                                  capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr
+            launches = [line.split() for line in (tmp_path / 'log').read_text().splitlines()]
+            assert [_flag(a, 'pretrained') for a in launches] == [f'runs/{row}/checkpoint.pth'] * 2

@@ -4,7 +4,6 @@ import json
 import os
 import re
 import shutil
-import stat
 import subprocess
 
 import pytest
@@ -15,6 +14,7 @@ from data.transforms import moco_v2_augmentation
 from models import build_student
 from models.distill import SEED, DisCo
 from models.loss import disco_loss, seed_loss
+from tests.multiprocess import fake_torchrun, flag_value
 from tests.test_distill import distill
 from tests.test_knn_extract import REPO
 from tests.test_lincls import TINY, run_main_lincls
@@ -159,36 +159,24 @@ def test_a_peer_without_a_teacher_is_refused(tiny_folder, tmp_path):
     assert result.returncode != 0 and '--method=disco needs --teacher' in result.stderr
 
 
-def _flag(argv, name):
-    values = [arg.split('=', 1)[1] for arg in argv if arg.startswith(f'--{name}=')]
-    return values[-1] if values else None
-
-
 def test_row_scripts_launch_each_method_through_the_shared_launchers(tmp_path):
-    fake = tmp_path / 'bin' / 'torchrun'  # records each launch instead of training
-    fake.parent.mkdir()
-    fake.write_text('#!/usr/bin/env bash\necho "$@" >> "$LAUNCHES"\n')
-    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    env = dict(os.environ, PATH=f'{fake.parent}{os.pathsep}{os.environ["PATH"]}', LAUNCHES=str(tmp_path / 'log'))
+    env, recorded = fake_torchrun(tmp_path)
     env.pop('METHOD', None)
     defined = set(re.findall(r"DEFINE_\w+\('(\w+)'", open(os.path.join(REPO, 'main_distill.py')).read()))
     for row, method in (('r18_swav_w2_seed', 'seed'), ('r34_swav_w2_seed', 'seed'), ('r18_swav_w2_disco', 'disco'),
                         ('r34_swav_w2_disco', 'disco'), ('r18_swav_w2', 'bingo')):
-        (tmp_path / 'log').unlink(missing_ok=True)
         done = subprocess.run(['bash', f'scripts/unsupervised/{row}.sh', '--workers=4'], cwd=REPO, env=env,
                               capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
-        [launch] = [line.split() for line in (tmp_path / 'log').read_text().splitlines()]
+        [launch] = recorded()
         args = launch[launch.index('main_distill.py') + 1:]
-        assert (_flag(args, 'method'), _flag(args, 'output_dir'), _flag(args, 'teacher_arch')) == (
+        assert (flag_value(args, 'method'), flag_value(args, 'output_dir'), flag_value(args, 'teacher_arch')) == (
             method, f'runs/{row}', 'resnet50w2')
-        assert (_flag(args, 'neighbours') is not None) == (method == 'bingo')
-        assert _flag(args, 'crop_min_scale') == ('0.14' if method == 'seed' else None)
+        assert (flag_value(args, 'neighbours') is not None) == (method == 'bingo')
+        assert flag_value(args, 'crop_min_scale') == ('0.14' if method == 'seed' else None)
         assert args[-1] == '--workers=4' and {arg[2:].split('=')[0] for arg in args} <= defined
         if method != 'bingo':  # the linear probe's row reads the same run
-            (tmp_path / 'log').unlink()
             done = subprocess.run(['bash', f'scripts/lincls/{row}.sh'], cwd=REPO, env=env,
                                   capture_output=True, text=True)
             assert done.returncode == 0, done.stderr
-            launches = [line.split() for line in (tmp_path / 'log').read_text().splitlines()]
-            assert [_flag(a, 'pretrained') for a in launches] == [f'runs/{row}/checkpoint.pth'] * 2
+            assert [flag_value(a, 'pretrained') for a in recorded()] == [f'runs/{row}/checkpoint.pth'] * 2

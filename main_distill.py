@@ -1,5 +1,6 @@
 """Stage 2: distil a small student from a frozen self-supervised teacher with bags of neighbours
-(BINGO), or train MoCo v2 from scratch (`--method=moco`).
+(BINGO), or train MoCo v2 from scratch (`--method=moco`), or distil with the peers' objectives
+(`--method=seed`, `--method=disco`; docs/peers.md).
 
     torchrun --nproc_per_node=8 main_distill.py --data_dir=DATA --neighbours=bags.npy \
         --teacher=moco_v2_800ep.pth.tar --teacher_arch=resnet50 --arch=resnet18 --output_dir=runs/r18
@@ -22,7 +23,7 @@ from data.neighbours import FORMATS as NEIGHBOUR_FORMATS, load_neighbours
 from data.transforms import moco_v2_augmentation
 from models import ARCHS, build_student, load_teacher
 from models.checkpoints import FORMATS
-from models.distill import build_training_module, student_optimizer
+from models.distill import DisCo, build_training_module, student_optimizer
 from models.fast import TrainStep
 from utils import checkpoint, dist, errors, preemption, rundir
 from utils.logging import JsonlWriter, Progress
@@ -32,7 +33,9 @@ from utils.training import epoch_batches, make_loader, rng_state, step_seed
 FLAGS = flags.FLAGS
 flags.DEFINE_string('data_dir', None, 'ImageFolder root holding train/.')
 flags.DEFINE_string('output_dir', None, 'Where checkpoints, student_backbone.pth and metrics.jsonl go.')
-flags.DEFINE_enum('method', 'bingo', ['bingo', 'moco'], 'bingo: distil from --teacher; moco: MoCo v2 from scratch.')
+flags.DEFINE_enum('method', 'bingo', ['bingo', 'moco', 'seed', 'disco'],
+                  'bingo: distil from --teacher with --neighbours; moco: MoCo v2 from scratch; seed, disco: '
+                  'the peers SEED and DisCo distilling from --teacher (docs/peers.md).')
 flags.DEFINE_enum('arch', 'resnet18', ARCHS, 'Student backbone.')
 flags.DEFINE_string('neighbours', None, 'Neighbour file (N, k) .npy written by knn_extract.py (bingo).')
 flags.DEFINE_enum('neighbours_format', 'sidecar', NEIGHBOUR_FORMATS,
@@ -41,11 +44,12 @@ flags.DEFINE_enum('neighbours_format', 'sidecar', NEIGHBOUR_FORMATS,
                   "checked; the dataset it was built from cannot be).")
 flags.DEFINE_integer('clus_pos_num', None, 'Use the first k neighbours of each row, as the released trainer '
                      'does (its default 5); default: every column of the file.')
-flags.DEFINE_string('teacher', None, 'Teacher checkpoint (bingo).')
+flags.DEFINE_string('teacher', None, 'Teacher checkpoint (bingo, seed, disco).')
 flags.DEFINE_enum('teacher_arch', 'resnet50', ARCHS, 'Teacher backbone.')
 flags.DEFINE_enum('teacher_format', 'auto', FORMATS, 'Teacher checkpoint layout.')
-flags.DEFINE_enum('teacher_bn', 'train', ['train', 'eval'],
-                  'train: batch statistics with shuffle BN (released); eval: running statistics.')
+flags.DEFINE_enum('teacher_bn', None, ['train', 'eval', 'local'],
+                  'train: batch statistics with shuffle BN; eval: running statistics; local: each process\'s '
+                  'own batch statistics. Default: the method\'s release (bingo train, seed eval, disco local).')
 flags.DEFINE_enum('bag_loss', 'released', ['released', 'paper'],
                   'released: SPEC step 5 with teacher neighbour keys and CutMix; paper: L_intra + L_inter.')
 flags.DEFINE_integer('epochs', 200, 'Training epochs.')
@@ -53,12 +57,21 @@ flags.DEFINE_integer('batch_size', 256, 'Global batch size, split evenly across 
 flags.DEFINE_float('lr', 0.03, 'Base learning rate (cosine per epoch).')
 flags.DEFINE_float('weight_decay', 1e-4, 'SGD weight decay (4e-5 for EfficientNet-B0).')
 flags.DEFINE_float('momentum', 0.9, 'SGD momentum.')
-flags.DEFINE_float('temperature', 0.2, 'Contrast temperature (0.12 for EfficientNet-B0).')
+flags.DEFINE_float('temperature', 0.2, 'Contrast temperature (0.12 for EfficientNet-B0); the student\'s '
+                   'temperature for seed, MoCo\'s for disco.')
 flags.DEFINE_integer('queue_size', 65536, 'K, the number of teacher keys in the queue.')
 flags.DEFINE_list('lam', ['0.5', '0.5'], '(l_self, l_cross) weights after warm-up.')
 flags.DEFINE_integer('warmup_epochs', 11,
                      'Epochs trained with lam=(1, 0) first (released: while epoch <= 10).')
-flags.DEFINE_float('moco_momentum', 0.999, 'Momentum of the MoCo key encoder (--method=moco).')
+flags.DEFINE_float('moco_momentum', 0.999, 'Momentum of the MoCo key encoder (--method=moco, disco).')
+flags.DEFINE_float('seed_teacher_temperature', 1e-4, 'Temperature of the teacher\'s similarity '
+                   'distribution (--method=seed; SEED\'s released --distill-t).')
+flags.DEFINE_float('disco_weight', 32.0, 'Weight of DisCo\'s consistency term per sample and view '
+                   '(--method=disco): the release sums it over each of its 8 GPUs\' 32 images, weight 1.')
+flags.DEFINE_integer('student_hidden_dim', None, 'Hidden width of the student\'s MLP head, 0 = the '
+                     'backbone\'s feature width. Default: the method\'s release (2048; seed 0).')
+flags.DEFINE_float('crop_min_scale', 0.2, 'Smallest area share of the RandomResizedCrop of the views '
+                   '(MoCo v2: 0.2; SEED\'s release with a SwAV teacher: 0.14).')
 flags.DEFINE_integer('image_size', 224, 'Crop size of the augmented views.')
 flags.DEFINE_integer('workers', 8, 'DataLoader workers per process.')
 flags.DEFINE_enum('data_pipeline', 'cpu', ['cpu', 'gpu'],
@@ -87,11 +100,20 @@ flags.mark_flags_as_required(['data_dir', 'output_dir'])
 # HOW_FLAGS change only how it runs, and may change on resuming. Every flag above is in one list.
 RUN_FLAGS = ('data_dir', 'method', 'arch', 'neighbours', 'teacher', 'teacher_arch', 'teacher_bn', 'bag_loss',
              'epochs', 'batch_size', 'lr', 'weight_decay', 'momentum', 'temperature', 'queue_size', 'lam',
-             'warmup_epochs', 'moco_momentum', 'image_size', 'seed', 'neighbours_format', 'clus_pos_num')
+             'warmup_epochs', 'moco_momentum', 'image_size', 'seed', 'neighbours_format', 'clus_pos_num',
+             'seed_teacher_temperature', 'disco_weight', 'student_hidden_dim', 'crop_min_scale')
 HOW_FLAGS = ('output_dir', 'resume', 'teacher_format', 'workers', 'data_pipeline', 'precision', 'channels_last',
              'fast_views', 'compile', 'cudnn_benchmark', 'cuda_graphs', 'fast', 'save_freq', 'report_freq',
              'device')
 PATH_FLAGS = ('data_dir', 'neighbours', 'teacher', 'output_dir')  # recorded as absolute paths
+
+# Where the released recipes differ by method (SPEC.md; docs/peers.md): flags left unset take these.
+METHOD_DEFAULTS = {
+    'bingo': {'teacher_bn': 'train', 'student_hidden_dim': 2048},
+    'moco': {'teacher_bn': 'train', 'student_hidden_dim': 2048},
+    'seed': {'teacher_bn': 'eval', 'student_hidden_dim': 0},  # MoCo's --mlp: Linear(d, d)
+    'disco': {'teacher_bn': 'local', 'student_hidden_dim': 2048},
+}
 
 
 def check_flags(world_size, device):
@@ -102,8 +124,13 @@ def check_flags(world_size, device):
                              f'--batch_size={FLAGS.batch_size}')
     if FLAGS.method == 'bingo' and not (FLAGS.teacher and FLAGS.neighbours):
         raise app.UsageError('--method=bingo needs --teacher and --neighbours')
-    if FLAGS.method == 'moco' and FLAGS.fast_views:
-        raise app.UsageError('--fast_views applies to --method=bingo (MoCo has a single student pass)')
+    if FLAGS.method in ('seed', 'disco') and not FLAGS.teacher:
+        raise app.UsageError(f'--method={FLAGS.method} needs --teacher')
+    if FLAGS.method != 'bingo' and FLAGS.fast_views:
+        raise app.UsageError(f'--fast_views applies to --method=bingo, not {FLAGS.method}')
+    for name, value in METHOD_DEFAULTS[FLAGS.method].items():
+        if FLAGS[name].value is None:
+            setattr(FLAGS, name, value)
     if FLAGS.cuda_graphs and device.type != 'cuda':
         raise app.UsageError(f'--cuda_graphs needs a CUDA device, not {device}')
 
@@ -121,8 +148,8 @@ def speed_options(device):
 
 def build_model(folder, speed):
     """The training module and the dataset it reads, per --method."""
-    student = build_student(FLAGS.arch)
-    augmentation = moco_v2_augmentation(FLAGS.image_size)
+    student = build_student(FLAGS.arch, FLAGS.student_hidden_dim)
+    augmentation = moco_v2_augmentation(FLAGS.image_size, FLAGS.crop_min_scale)
     options = dict(queue_size=FLAGS.queue_size, temperature=FLAGS.temperature,
                    precision=speed['precision'], channels_last=speed['channels_last'],
                    fast_views=speed['fast_views'], compile_backend='inductor' if FLAGS.compile else None)
@@ -131,9 +158,16 @@ def build_model(folder, speed):
         if FLAGS.data_pipeline == 'gpu':
             return model, EncodedTwoViewDataset(folder)
         return model, TwoViewDataset(folder, augmentation)
+    teacher = load_teacher(FLAGS.teacher_arch, FLAGS.teacher, FLAGS.teacher_format)
+    if FLAGS.method in ('seed', 'disco'):  # views of single images, no bags (SEED takes the first)
+        model = build_training_module(FLAGS.method, student, teacher, teacher_bn=FLAGS.teacher_bn,
+                                      moco_momentum=FLAGS.moco_momentum, disco_weight=FLAGS.disco_weight,
+                                      seed_teacher_temperature=FLAGS.seed_teacher_temperature, **options)
+        if FLAGS.data_pipeline == 'gpu':
+            return model, EncodedTwoViewDataset(folder)
+        return model, TwoViewDataset(folder, augmentation)
     neighbours = load_neighbours(FLAGS.neighbours, len(folder), folder.fingerprint(), FLAGS.neighbours_format,
                                  FLAGS.clus_pos_num, report=print if dist.is_main() else None)
-    teacher = load_teacher(FLAGS.teacher_arch, FLAGS.teacher, FLAGS.teacher_format)
     model = build_training_module('bingo', student, teacher, bag_loss=FLAGS.bag_loss,
                                   teacher_bn=FLAGS.teacher_bn, **options)
     if FLAGS.data_pipeline == 'gpu':
@@ -159,6 +193,8 @@ def save(model, optimizer, epoch, step, steps, rng=None):
              'optimizer': optimizer.state_dict(), 'flags': recorded_flags()}
     if FLAGS.method == 'moco':
         state['teacher'] = model.teacher.state_dict()
+    if isinstance(model, DisCo):
+        state['key_encoder'] = model.key_encoder.state_dict()
     checkpoint.save_atomic(state, os.path.join(FLAGS.output_dir, checkpoint.LATEST))
     if not finished:
         return
@@ -189,6 +225,8 @@ def resume(model, optimizer):
     model.queue.load_state_dict(state['queue'])
     if FLAGS.method == 'moco':
         model.teacher.load_state_dict(state['teacher'])
+    if isinstance(model, DisCo):
+        model.key_encoder.load_state_dict(state['key_encoder'])
     optimizer.load_state_dict(state['optimizer'])
     if dist.is_main():
         for line in (note, f'resumed from {path} at epoch {epoch}' + (f' step {step}' if step else '')):
@@ -224,7 +262,7 @@ def main(argv):
     progress = Progress(len(loader) * (FLAGS.epochs - start_epoch) - start_step, FLAGS.report_freq,
                         JsonlWriter(os.path.join(FLAGS.output_dir, 'metrics.jsonl')))
     lam = tuple(float(v) for v in FLAGS.lam)
-    n_views = 4 if FLAGS.method == 'bingo' else 2  # (q, k, pq, pk, i, j) or (q, k, i)
+    n_views = {'bingo': 4, 'seed': 1}.get(FLAGS.method, 2)  # of (q, k, pq, pk, i, j) or (q, k, i)
     stop = preemption.StopSignal()  # SIGTERM / SIGINT: finish the step, save, exit
     for epoch in range(start_epoch, FLAGS.epochs):
         lr = cosine_lr(FLAGS.lr, epoch, FLAGS.epochs)
@@ -236,7 +274,8 @@ def main(argv):
                                 start_rng if resumed else None)
         # --data_pipeline=gpu draws each batch's view parameters from its own seed (per rank).
         for step, views in views_on_device(batches, FLAGS.data_pipeline, info.device, FLAGS.image_size,
-                                           n_views, lambda step: step_seed(FLAGS.seed, epoch, step, info.rank)):
+                                           n_views, lambda step: step_seed(FLAGS.seed, epoch, step, info.rank),
+                                           FLAGS.crop_min_scale):
             model.seed_draws(step_seed(FLAGS.seed, epoch, step))  # alike on every rank: shuffle BN
             step_options = {'lam': epoch_lam} if FLAGS.method == 'bingo' else {}
             loss, (acc1, acc5) = train_step(views, **step_options)

@@ -170,7 +170,7 @@ def pretrained_source():
     if not (isinstance(state, dict) and isinstance(state.get('flags'), dict) and 'method' in state):
         return source
     run = state['flags']
-    teacher = run.get('teacher') if state['method'] == 'bingo' else None
+    teacher = run.get('teacher') if state['method'] != 'moco' else None  # MoCo alone has none
     return {**source, 'method': state['method'], 'distill_epochs': state.get('epoch'),
             'teacher': os.path.basename(teacher) if teacher else None,
             'teacher_arch': run.get('teacher_arch') if teacher else None}

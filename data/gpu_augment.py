@@ -91,9 +91,10 @@ def sample_crop_boxes(sizes, generator=None, scale=CROP_SCALE, ratio=CROP_RATIO,
     return torch.cat([top, left, h, w], 1).long()
 
 
-def sample_view_params(sizes, generator=None):
+def sample_view_params(sizes, generator=None, min_scale=CROP_SCALE[0]):
     """Draw the MoCo v2 parameters of V views, each independently, as the PIL path draws them
-    per call. sizes: (V, 2) height and width of each view's source image."""
+    per call. sizes: (V, 2) height and width of each view's source image; min_scale: the smallest
+    area share of the crop."""
     sizes = torch.as_tensor(sizes)
     n = sizes.shape[0]
 
@@ -105,7 +106,7 @@ def sample_view_params(sizes, generator=None):
     high = torch.cat([1 + spread[:3], spread[3:]])
     factors = low + (high - low) * torch.rand((n, 4), generator=generator, dtype=torch.float64)
     return ViewParams(
-        boxes=sample_crop_boxes(sizes, generator),
+        boxes=sample_crop_boxes(sizes, generator, scale=(min_scale, CROP_SCALE[1])),
         flip=coin(P_FLIP),
         jitter=coin(P_JITTER),
         factors=factors.float(),
@@ -361,8 +362,8 @@ def centre_crops(images, size, resize):
     return (x - mean) / std
 
 
-def moco_v2_views(images, size, views_per_image=2, generator=None):
+def moco_v2_views(images, size, views_per_image=2, generator=None, min_scale=CROP_SCALE[0]):
     """`views_per_image` independent MoCo v2 views of every image: (len(images) * views_per_image,
     3, size, size), the views of images[n] at rows n * views_per_image + t."""
     sizes = torch.tensor([img.shape[1:] for img in images]).repeat_interleave(views_per_image, 0)
-    return augment(images, sample_view_params(sizes, generator), size, views_per_image)
+    return augment(images, sample_view_params(sizes, generator, min_scale), size, views_per_image)

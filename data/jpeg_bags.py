@@ -19,7 +19,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from data.folder import DataError
-from data.gpu_augment import centre_crops, moco_v2_views
+from data.gpu_augment import CROP_SCALE, centre_crops, moco_v2_views
 
 _STANDALONE_MARKERS = {0x01, *range(0xD0, 0xD8)}  # TEM, RST0-7: no length field
 _NOT_FRAME_MARKERS = {0xC4, 0xC8, 0xCC}  # DHT, JPG, DAC share the SOFn range
@@ -202,31 +202,31 @@ def decode_images(encoded, paths, device, jpeg=None):
     return images
 
 
-def gpu_views(batch, device, image_size, generator=None):
+def gpu_views(batch, device, image_size, generator=None, min_scale=CROP_SCALE[0]):
     """A collate_encoded batch -> the views the training step takes: [q, k, pq, pk] (bags) or
     [q, k] (two views), each (B, 3, S, S) float32 on `device`, normalised. Random parameters come
-    from `generator` or torch's global RNG."""
+    from `generator` or torch's global RNG; min_scale is the smallest area share of the crops."""
     encoded = list(batch['data'].split(batch['lengths'].tolist()))
     images = decode_images(encoded, batch['path'], device, batch['jpeg'].tolist())
-    views = moco_v2_views(images, image_size, views_per_image=2, generator=generator)
+    views = moco_v2_views(images, image_size, views_per_image=2, generator=generator, min_scale=min_scale)
     roles = batch['roles']
     size = len(encoded) // roles
     views = views.view(roles, size, 2, 3, image_size, image_size).transpose(1, 2)
     return list(views.reshape(roles * 2, size, 3, image_size, image_size).unbind(0))
 
 
-def views_on_device(batches, pipeline, device, image_size, n_views, view_seed=None):
+def views_on_device(batches, pipeline, device, image_size, n_views, view_seed=None, min_scale=CROP_SCALE[0]):
     """(step, batch) pairs of a loader -> (step, the views the training step takes, on `device`).
 
     pipeline 'cpu': the loader's augmented tensors (the first n_views of each sample), copied
     without blocking. 'gpu': the loader's files, decoded and augmented by gpu_views, with
-    parameters drawn from a generator seeded with view_seed(step) (torch's global RNG when None);
-    on CUDA each batch's views are made on a side stream one batch ahead, so that decoding and
+    parameters drawn from a generator seeded with view_seed(step) (torch's global RNG when None)
+    and crops of at least min_scale of the image, the first n_views of them; on CUDA each batch's views are made on a side stream one batch ahead, so that decoding and
     augmenting the next batch overlap the current training step.
     """
     def views(step, batch):
         generator = None if view_seed is None else torch.Generator().manual_seed(view_seed(step))
-        return gpu_views(batch, device, image_size, generator)
+        return gpu_views(batch, device, image_size, generator, min_scale)[:n_views]
 
     if pipeline == 'cpu':
         for step, batch in batches:

@@ -40,10 +40,11 @@ def eval_transform(image_size=224):
     ])
 
 
-def moco_v2_augmentation(image_size=224):
-    """Stage 2: each of the four views of a bag sample is one independent call."""
+def moco_v2_augmentation(image_size=224, min_scale=0.2):
+    """Stage 2: each of the four views of a bag sample is one independent call. min_scale: the
+    smallest area share of the crop (SEED's release crops from 0.14 with a SwAV teacher)."""
     return transforms.Compose([
-        transforms.RandomResizedCrop(image_size, scale=(0.2, 1.0)),
+        transforms.RandomResizedCrop(image_size, scale=(min_scale, 1.0)),
         transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
         transforms.RandomGrayscale(p=0.2),
         transforms.RandomApply([GaussianBlur((0.1, 2.0))], p=0.5),

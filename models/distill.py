@@ -1,4 +1,5 @@
-"""The two training objectives of stage 2 as modules: BINGO distillation and MoCo v2 (SPEC stage 2).
+"""The training objectives of stage 2 as modules: BINGO distillation and MoCo v2 (SPEC stage 2), and
+the peers' SEED and DisCo (docs/peers.md).
 
 Each module owns the student, its teacher and the queue of teacher keys; `forward` is one training
 step up to the loss (the queue is updated inside, after the loss has used it, as in MoCo). The
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 
 from data.cutmix import cutmix, cutmix_box
 from models.fast import batch_norm_views, per_view_batch_norm
-from models.loss import bingo_loss, bingo_paper_loss, contrast_accuracy, moco_loss
+from models.loss import bingo_loss, bingo_paper_loss, contrast_accuracy, disco_loss, moco_loss, seed_loss
 from utils import dist
 
 
@@ -37,6 +38,13 @@ def freeze(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         p.requires_grad = False
     return module
+
+
+@torch.no_grad()
+def momentum_update(key_encoder: nn.Module, encoder: nn.Module, momentum: float):
+    """MoCo's key encoder update: key = momentum * key + (1 - momentum) * encoder, parameters only."""
+    for k, q in zip(key_encoder.parameters(), encoder.parameters()):
+        k.mul_(momentum).add_(q.detach(), alpha=1.0 - momentum)
 
 
 class _Contrastive(nn.Module):
@@ -66,9 +74,10 @@ class _Contrastive(nn.Module):
         """Reseed the node-wide draws (call with the same seed on every rank, e.g. per epoch)."""
         self.node_generator.manual_seed(seed)
 
-    def _permutation(self, batch_size):
-        """A permutation of the node batch for shuffle BN, or None without it. (node_size * B,)"""
-        if self.teacher_bn != 'train':
+    def _permutation(self, batch_size, shuffle_bn=None):
+        """A permutation of the node batch for shuffle BN (teacher_bn 'train', or shuffle_bn=True),
+        or None without it ('eval': running statistics; 'local': each process's own batch). (node_size * B,)"""
+        if not (self.teacher_bn == 'train' if shuffle_bn is None else shuffle_bn):
             return None
         return torch.randperm(dist.node_size() * batch_size, generator=self.node_generator)
 
@@ -190,11 +199,6 @@ class MoCo(_Contrastive):
                          precision, channels_last)
         self.momentum = momentum
 
-    @torch.no_grad()
-    def _momentum_update(self):
-        for s, t in zip(self.student.parameters(), self.teacher.parameters()):
-            t.mul_(self.momentum).add_(s.detach(), alpha=1.0 - self.momentum)
-
     def draw(self, batch_size, image_size):
         """The step's random draw: the shuffle of the keys across the node (see BingoDistiller.draw)."""
         del image_size
@@ -206,7 +210,7 @@ class MoCo(_Contrastive):
             draws = {k: v.to(query.device) for k, v in self.draw(query.shape[0], query.shape[-1]).items()}
         queue = self.queue.keys.clone()
         s_query = self._run(self.student, query)
-        self._momentum_update()
+        momentum_update(self.teacher, self.student, self.momentum)
         t_key = self._teacher(key, draws['key_perm'])
         loss = moco_loss(s_query, t_key, queue, self.temperature)
         accuracy = contrast_accuracy(s_query, t_key, queue)
@@ -214,28 +218,109 @@ class MoCo(_Contrastive):
         return loss, accuracy
 
 
+class SEED(_Contrastive):
+    """SEED (Fang et al., ICLR 2021): one view of each image; the student's similarity distribution
+    over [the teacher's embedding, the queue] learns the frozen teacher's (docs/peers.md). The
+    queue holds teacher embeddings. `temperature` is the student's."""
+
+    def __init__(self, student, teacher, queue_size=65536, temperature=0.2, teacher_temperature=1e-4,
+                 teacher_bn='eval', precision='fp32', channels_last=False):
+        super().__init__(student, teacher, queue_size, temperature, teacher_bn, precision, channels_last)
+        self.teacher_temperature = teacher_temperature
+
+    def draw(self, batch_size, image_size):
+        """The step's random draw: the teacher's shuffle across the node, with teacher_bn='train'."""
+        del image_size
+        perm = self._permutation(batch_size)
+        return {} if perm is None else {'perm': perm}
+
+    def forward(self, view, draws=None):
+        """view: one view of each image (B,3,H,W), seen by student and teacher alike.
+        Returns (loss, [acc@1, acc@5])."""
+        if draws is None:
+            draws = {k: v.to(view.device) for k, v in self.draw(view.shape[0], view.shape[-1]).items()}
+        queue = self.queue.keys.clone()
+        s_view = self._run(self.student, view)
+        t_view = self._teacher(view, draws.get('perm'))
+        loss = seed_loss(s_view, t_view, queue, self.temperature, self.teacher_temperature)
+        accuracy = contrast_accuracy(s_view, t_view, queue)
+        self.queue.push(dist.all_gather_cat(t_view))
+        return loss, accuracy
+
+
+class DisCo(_Contrastive):
+    """DisCo (Gao et al., ECCV 2022): MoCo v2 on the student (its momentum key encoder, shuffle BN and
+    queue of momentum keys) plus the consistency of the student's embedding of each view with the
+    frozen teacher's embedding of that view (docs/peers.md)."""
+
+    def __init__(self, student, teacher, queue_size=65536, temperature=0.2, momentum=0.999, weight=32.0,
+                 teacher_bn='local', precision='fp32', channels_last=False):
+        super().__init__(student, teacher, queue_size, temperature, teacher_bn, precision, channels_last)
+        self.key_encoder = freeze(copy.deepcopy(student))
+        self.momentum = momentum
+        self.weight = weight
+
+    def draw(self, batch_size, image_size):
+        """The step's random draws: the key encoder's shuffle BN (always, as MoCo), and the teacher's
+        shuffles of both views with teacher_bn='train'."""
+        del image_size
+        draws = {'key_perm': self._permutation(batch_size, shuffle_bn=True),
+                 'query_teacher_perm': self._permutation(batch_size),
+                 'key_teacher_perm': self._permutation(batch_size)}
+        return {key: value for key, value in draws.items() if value is not None}
+
+    @torch.no_grad()
+    def _key(self, x, perm):
+        """The momentum encoder's keys, with shuffle BN whatever the teacher's BatchNorm mode (MoCo)."""
+        return dist.unshuffle(self._run(self.key_encoder, dist.shuffle_across_node(x, perm)), perm)
+
+    def forward(self, query, key, draws=None):
+        """query/key: two views of the same images (B,3,H,W). Returns (loss, [acc@1, acc@5])."""
+        if draws is None:
+            draws = {k: v.to(query.device) for k, v in self.draw(query.shape[0], query.shape[-1]).items()}
+        queue = self.queue.keys.clone()
+        s_query = self._run(self.student, query)  # separate passes: BatchNorm statistics per view
+        s_key = self._run(self.student, key)
+        momentum_update(self.key_encoder, self.student, self.momentum)
+        momentum_key = self._key(key, draws['key_perm'])
+        t_query = self._teacher(query, draws.get('query_teacher_perm'))
+        t_key = self._teacher(key, draws.get('key_teacher_perm'))
+        loss = disco_loss(s_query, s_key, momentum_key, t_query, t_key, queue, self.temperature, self.weight)
+        accuracy = contrast_accuracy(s_query, momentum_key, queue)
+        self.queue.push(dist.all_gather_cat(momentum_key))
+        return loss, accuracy
+
+
 def build_training_module(method, student, teacher=None, *, queue_size=65536, temperature=0.2,
                           bag_loss='released', teacher_bn='train', precision='fp32',
                           channels_last=False, fast_views=False, compile_backend=None,
-                          moco_momentum=0.999):
-    """main_distill's training module, BINGO or MoCo v2 (`method`), with its speed options; the step
-    benchmark builds it here too, so it times the trainer's own code.
+                          moco_momentum=0.999, seed_teacher_temperature=1e-4, disco_weight=32.0):
+    """main_distill's training module, BINGO, MoCo v2, SEED or DisCo (`method`), with its speed
+    options; the step benchmark builds it here too, so it times the trainer's own code.
 
     compile_backend: torch.compile backend of the student's and teacher's forward ('inductor' for
     --compile), static shapes; None runs them eagerly. State-dict names are unchanged.
     """
     options = dict(queue_size=queue_size, temperature=temperature, precision=precision,
                    channels_last=channels_last)
+    if fast_views and method != 'bingo':
+        raise ValueError(f'fast_views applies to method=bingo, not {method}')
     if method == 'moco':
-        if fast_views:
-            raise ValueError('fast_views applies to method=bingo: MoCo has a single student pass')
         model = MoCo(student, momentum=moco_momentum, **options)
+    elif method == 'seed':
+        model = SEED(student, teacher, teacher_temperature=seed_teacher_temperature, teacher_bn=teacher_bn,
+                     **options)
+    elif method == 'disco':
+        model = DisCo(student, teacher, momentum=moco_momentum, weight=disco_weight, teacher_bn=teacher_bn,
+                      **options)
     else:
         model = BingoDistiller(student, teacher, bag_loss=bag_loss, teacher_bn=teacher_bn,
                                fast_views=fast_views, **options)
     if compile_backend:
         model.student.compile(backend=compile_backend, dynamic=False)
         model.teacher.compile(backend=compile_backend, dynamic=False)
+        if isinstance(model, DisCo):
+            model.key_encoder.compile(backend=compile_backend, dynamic=False)
     return model
 
 

@@ -41,6 +41,7 @@ class Embedder(nn.Module):
 
 
 def build_student(arch, hidden_dim=2048, out_dim=128):
-    """The BINGO student: backbone `arch` with its classifier replaced by the MoCo v2 MLP."""
+    """The BINGO student: backbone `arch` with its classifier replaced by the MoCo v2 MLP;
+    hidden_dim=0 makes the MLP as wide as the backbone's features (SEED's student)."""
     backbone = build_backbone(arch)
-    return Embedder(backbone, moco_head(backbone.feature_dim, hidden_dim, out_dim))
+    return Embedder(backbone, moco_head(backbone.feature_dim, hidden_dim or backbone.feature_dim, out_dim))

@@ -1,8 +1,15 @@
-"""BINGO's objective (SPEC stage 2, steps 4-5), the paper's variant and MoCo v2's, as pure functions.
+"""BINGO's objective (SPEC stage 2, steps 4-5), the paper's variant, MoCo v2's, and the peers' SEED
+and DisCo (docs/peers.md), as pure functions.
 
-Every embedding is L2-normalised, (B, D); `queue` is (K, D), one teacher key per row.
+Every embedding is L2-normalised, (B, D); `queue` is (K, D), one key per row (the frozen teacher's,
+or for MoCo and DisCo the momentum encoder's).
 """
 import torch
+
+
+def _similarities(x, positive, queue):
+    """[x.positive, x.queue], the (B, 1+K) rows every contrast ranks, before any temperature."""
+    return torch.cat([(x * positive).sum(dim=1, keepdim=True), x @ queue.t()], dim=1)
 
 
 def _contrast_ce(student: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
@@ -51,9 +58,35 @@ def moco_loss(query, key, queue, temperature=0.2):
     return _contrast_ce(query, key, query @ queue.t(), temperature).mean()
 
 
+def seed_loss(student, teacher, queue, student_temperature=0.2, teacher_temperature=1e-4):
+    """SEED: cross-entropy from the teacher's similarity distribution to the student's.
+
+    Both embeddings of the image are scored against the same 1 + K candidates, the teacher's own
+    embedding and the queue: p_T = softmax([t.t, t.queue] / teacher_temperature) and
+    p_S = softmax([s.t, s.queue] / student_temperature); the loss is -sum p_T log p_S, batch mean.
+    """
+    student_logits = _similarities(student, teacher, queue) / student_temperature
+    teacher_logits = _similarities(teacher, teacher, queue) / teacher_temperature
+    return -(teacher_logits.softmax(dim=1) * student_logits.log_softmax(dim=1)).sum(dim=1).mean()
+
+
+def consistency_loss(student, teacher):
+    """DisCo's consistency term: squared L2 distance of the two embeddings, batch mean."""
+    return (student - teacher).pow(2).sum(dim=1).mean()
+
+
+def disco_loss(student_query, student_key, momentum_key, teacher_query, teacher_key, queue,
+               temperature=0.2, weight=32.0):
+    """DisCo: the student's MoCo v2 loss (query view against its momentum key and the queue) plus
+    `weight` times the consistency of the student's embedding of each view with the teacher's
+    embedding of the same view."""
+    consistency = consistency_loss(student_query, teacher_query) + consistency_loss(student_key, teacher_key)
+    return moco_loss(student_query, momentum_key, queue, temperature) + weight * consistency
+
+
 @torch.no_grad()
 def contrast_accuracy(student, teacher_key, queue, topk=(1, 5)):
     """Top-k accuracy (%) of the positive among [s.key, s.queue]: what the released code prints."""
-    logits = torch.cat([(student * teacher_key).sum(1, keepdim=True), student @ queue.t()], dim=1)
+    logits = _similarities(student, teacher_key, queue)
     ranked = logits.topk(min(max(topk), logits.shape[1]), dim=1).indices
     return [(ranked[:, :k] == 0).any(dim=1).float().mean() * 100 for k in topk]

@@ -1,6 +1,8 @@
-"""Run a function on N gloo processes on CPU, as torchrun would set them up."""
+"""Run a function on N gloo processes on CPU, as torchrun would set them up; launch scripts with
+torchrun, or record what a launcher script would run."""
 import os
 import socket
+import stat
 
 import torch.multiprocessing as mp
 
@@ -41,3 +43,29 @@ def torchrun(nproc: int) -> list:
         return [sys.executable]
     return [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}',
             f'--master_port={free_port()}']
+
+
+def fake_torchrun(folder):
+    """(env, launches): an environment whose `torchrun` records each launch instead of running it,
+    and a function returning the launches recorded since its last call, each as its argument list."""
+    fake = os.path.join(folder, 'bin', 'torchrun')
+    log = os.path.join(folder, 'launches')
+    os.makedirs(os.path.dirname(fake))
+    with open(fake, 'w') as f:
+        f.write('#!/usr/bin/env bash\necho "$@" >> "$LAUNCHES"\n')
+    os.chmod(fake, os.stat(fake).st_mode | stat.S_IEXEC)
+
+    def launches():
+        if not os.path.exists(log):
+            return []
+        with open(log) as f:
+            recorded = [line.split() for line in f.read().splitlines()]
+        os.remove(log)
+        return recorded
+    return dict(os.environ, PATH=f'{os.path.dirname(fake)}{os.pathsep}{os.environ["PATH"]}', LAUNCHES=log), launches
+
+
+def flag_value(argv, name):
+    """The value of the last --name=value in argv, or None."""
+    values = [arg.split('=', 1)[1] for arg in argv if arg.startswith(f'--{name}=')]
+    return values[-1] if values else None

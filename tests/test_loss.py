@@ -1,4 +1,5 @@
-"""bingo_loss against a float64 hand computation of SPEC stage 2, steps 4-5."""
+"""bingo_loss against a float64 hand computation of SPEC stage 2, steps 4-5; the peers' SEED and DisCo
+losses against hand computations of their definitions (docs/peers.md)."""
 import math
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from models import bingo_loss
-from models.loss import bingo_paper_loss, contrast_accuracy, moco_loss
+from models.loss import bingo_paper_loss, contrast_accuracy, disco_loss, moco_loss, seed_loss
 
 
 def unit(*shape):
@@ -72,3 +73,56 @@ def test_contrast_accuracy_counts_the_positive_rank():
     key = torch.eye(4, dtype=torch.float64)[[0, 2]]
     acc1, acc5 = contrast_accuracy(student, key, queue)
     assert acc1.item() == 50.0 and acc5.item() == 100.0
+
+
+def hand_softmax(logits):
+    top = max(logits)
+    exps = [math.exp(v - top) for v in logits]
+    return [e / sum(exps) for e in exps]
+
+
+def hand_seed(s, t, queue, student_t, teacher_t):
+    """mean over the batch of -sum_j p_T(j) log p_S(j) over [own teacher embedding, queue]."""
+    total = 0.0
+    for b in range(s.shape[0]):
+        candidates = [t[b]] + list(queue)
+        p_teacher = hand_softmax([float(t[b] @ c) / teacher_t for c in candidates])
+        p_student = hand_softmax([float(s[b] @ c) / student_t for c in candidates])
+        total -= sum(pt * math.log(ps) for pt, ps in zip(p_teacher, p_student))
+    return total / s.shape[0]
+
+
+@pytest.mark.parametrize('teacher_temperature', [1e-4, 0.04, 0.2])
+def test_seed_loss_equals_hand_computation(teacher_temperature):
+    torch.manual_seed(3)
+    s, t = unit(4, 8), unit(4, 8)
+    queue = unit(12, 8)
+    loss = seed_loss(s, t, queue, student_temperature=0.2, teacher_temperature=teacher_temperature)
+    assert loss.dtype == torch.float64 and loss.dim() == 0
+    assert abs(loss.item() - hand_seed(s, t, queue, 0.2, teacher_temperature)) < 1e-9
+
+
+def test_seed_at_the_released_teacher_temperature_is_moco_against_the_teacher_embedding():
+    # t.t = 1 beats every queued key by far more than 1e-4, so the teacher's distribution is one-hot
+    # on its own embedding and SEED's loss is the InfoNCE of the student against it.
+    torch.manual_seed(4)
+    s, t = unit(4, 8), unit(4, 8)
+    queue = unit(12, 8)
+    assert (t @ queue.t()).max() < 0.99
+    released = seed_loss(s, t, queue, student_temperature=0.2, teacher_temperature=1e-4)
+    assert abs(released.item() - moco_loss(s, t, queue, temperature=0.2).item()) < 1e-12
+
+
+def test_disco_loss_equals_the_released_sum_over_32_images():
+    # The release: CE + MSELoss(reduction='sum') per view over one GPU's 32 images, weight 1.
+    torch.manual_seed(5)
+    b, d, t = 32, 8, 0.2
+    s_q, s_k, key, t_q, t_k = (unit(b, d) for _ in range(5))
+    queue = unit(6, d)
+    loss = disco_loss(s_q, s_k, key, t_q, t_k, queue, temperature=t)  # weight 32 per image
+    contrast = sum(hand_ce(s_q[i], key[i], queue, t) for i in range(b)) / b
+    squared = sum(float(x - y) ** 2 for view_s, view_t in ((s_q, t_q), (s_k, t_k))
+                  for i in range(b) for x, y in zip(view_s[i], view_t[i]))
+    assert loss.dtype == torch.float64 and abs(loss.item() - (contrast + squared)) < 1e-9
+    unweighted = disco_loss(s_q, s_k, key, t_q, t_k, queue, temperature=t, weight=0.0)
+    assert abs(unweighted.item() - contrast) < 1e-9

@@ -4,7 +4,6 @@ import json
 import os
 import re
 import shutil
-import stat
 import subprocess
 from collections import Counter
 
@@ -19,7 +18,7 @@ from data.subsets import (LabelledSubset, SubsetError, balanced_subset, load_sub
 from models import build_backbone
 from models.linear import FineTuned, LinearProbe
 from tests.conftest import render_shapes_tree
-from tests.multiprocess import torchrun
+from tests.multiprocess import fake_torchrun, flag_value, torchrun
 from tests.test_lincls import REPO, TINY, result_of, run, run_main_lincls
 from tools import collect_results
 
@@ -269,31 +268,21 @@ def test_collector_matches_spec_numbers_to_simclr_and_drawn_subsets():
 
 
 def test_semi_scripts_run_both_protocols_on_both_simclr_lists(tmp_path):
-    fake = tmp_path / 'bin' / 'torchrun'  # records each launch instead of training
-    fake.parent.mkdir()
-    fake.write_text('#!/usr/bin/env bash\necho "$@" >> "$LAUNCHES"\n')
-    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    env = dict(os.environ, PATH=f'{fake.parent}{os.pathsep}{os.environ["PATH"]}', LAUNCHES=str(tmp_path / 'log'),
-               DATA='/d', SUBSETS='/lists')
+    env, recorded = fake_torchrun(tmp_path)
+    env.update(DATA='/d', SUBSETS='/lists')
     defined = set(re.findall(r"DEFINE_\w+\('(\w+)'", open(os.path.join(REPO, 'main_lincls.py')).read()))
     for row, run_dir in (('r18_moco200', 'runs/r18_moco200'), ('r18_r152', 'runs/r18_r152'),
                          ('r18_swav_w2', 'runs/r18_swav_w2')):
-        (tmp_path / 'log').unlink(missing_ok=True)
         done = subprocess.run(['bash', f'scripts/semi/{row}.sh', '--workers=4'], cwd=REPO, env=env,
                               capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
-        launches = [line.split() for line in (tmp_path / 'log').read_text().splitlines()]
-        assert [(_flag(a, 'protocol'), _flag(a, 'train_subset'), _flag(a, 'output_dir')) for a in launches] == [
+        launches = recorded()
+        assert [(flag_value(a, 'protocol'), flag_value(a, 'train_subset'), flag_value(a, 'output_dir')) for a in launches] == [
             ('finetune', '/lists/1percent.txt', f'{run_dir}/semi_1pct_finetune'),
             ('finetune', '/lists/10percent.txt', f'{run_dir}/semi_10pct_finetune'),
             ('linear', '/lists/1percent.txt', f'{run_dir}/semi_1pct_linear'),
             ('linear', '/lists/10percent.txt', f'{run_dir}/semi_10pct_linear')]
         for launch in launches:
-            assert _flag(launch, 'pretrained') == f'{run_dir}/checkpoint.pth' and launch[-1] == '--workers=4'
+            assert flag_value(launch, 'pretrained') == f'{run_dir}/checkpoint.pth' and launch[-1] == '--workers=4'
             given = {arg[2:].split('=')[0] for arg in launch[launch.index('main_lincls.py') + 1:]}
             assert given <= defined, given - defined
-
-
-def _flag(argv, name):
-    values = [arg.split('=', 1)[1] for arg in argv if arg.startswith(f'--{name}=')]
-    return values[-1] if values else None

@@ -15,6 +15,7 @@ import re
 
 RESULT_FILES = {'linear': 'result_linear.json', 'knn': 'result_knn.json'}
 SEMI_FILE = 'result_semi.json'
+PEERS = {'seed': 'SEED', 'disco': 'DisCo'}  # main_distill --method: the name on the paper's table
 
 # SPEC.md: ImageNet-1k linear top-1 / top-5 (%) after 200 distillation epochs; None = not reported.
 PAPER = {
@@ -26,6 +27,9 @@ PAPER = {
     ('MoCo v2 R-50 800 ep', 'resnet34'): (66.1, 87.2),
     ('R-152', 'resnet18'): (65.9, 87.1),
     ('R-152', 'resnet34'): (69.1, 88.9),
+    # The peers on BINGO's table (SPEC: ResNet-18 only, top-1); no ResNet-34 number found (docs/peers.md).
+    ('SEED, SwAV R-50w2', 'resnet18'): (63.0, None),
+    ('DisCo, SwAV R-50w2', 'resnet18'): (65.2, None),
     ('SwAV R-50w2', 'resnet18'): (65.5, 87.0),
     ('SwAV R-50w2', 'resnet34'): (68.9, 89.0),
     ('SwAV R-50w2', 'efficientnet_b0'): (69.3, None),
@@ -49,16 +53,21 @@ class ResultError(ValueError):
 
 
 def teacher_label(result):
-    """The teacher as SPEC's table names it, from the distillation run's record in the result.
+    """The teacher as SPEC's table names it, from the distillation run's record in the result; the
+    peers' runs (SEED, DisCo) are named by method and teacher, e.g. 'SEED, SwAV R-50w2'.
 
     A result without a distillation record probed the --pretrained file itself (e.g. a teacher).
     """
     method = result.get('method')
     if method == 'moco':
         return 'MoCo v2 student alone'
-    if method != 'bingo':
+    if method != 'bingo' and method not in PEERS:
         return '-'
-    arch, name = result.get('teacher_arch'), result.get('teacher') or ''
+    teacher = _teacher_name(result.get('teacher_arch'), result.get('teacher') or '')
+    return f'{PEERS[method]}, {teacher}' if method in PEERS else teacher
+
+
+def _teacher_name(arch, name):
     if arch == 'resnet50w2':
         return 'SwAV R-50w2'
     if arch == 'resnet152':

@@ -45,7 +45,7 @@ STEP=(-m benchmarks.bench_step --device=cuda --arch=resnet18 --teacher_arch=resn
 for b in ${STEP_BATCHES:-32 128}; do
   stage 90 "$PYTHON" "${STEP[@]}" --batch_size="$b" --json="$OUT/step_b$b.json"
 done
-stage 200 "$PYTHON" -m benchmarks.bench_knn --cases="${KNN_CASES:-uniform:2048,clustered:2048,uniform:4096}" \
+stage 260 "$PYTHON" -m benchmarks.bench_knn --cases="${KNN_CASES:-uniform:2048,clustered:2048,uniform:4096,clustered:4096}" \
   --json="$OUT/knn.json"
 stage 150 "$PYTHON" -m benchmarks.bench_data --source=datasets/foolbox-3.3.4-py3-none-any.whl --train \
   --workers=8,16 --steps=15 --json="$OUT/data.json"

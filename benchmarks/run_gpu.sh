@@ -8,6 +8,7 @@
 #      sampled rows checked against the exact float64 search, seconds and peak memory;
 #   3. bench_data.py: the GPU pipeline's decode and views per batch, data alone and data + --fast
 #      step for both pipelines (real ImageNet JPEGs from datasets/foolbox-3.3.4-py3-none-any.whl).
+# STAGES (default "step knn data") picks stages; STEP_BATCHES, KNN_CASES their sizes.
 # Output: $OUT (default benchmarks/out)/run_gpu.log and JSON files. Exits 1 if a stage fails or
 # is skipped.
 set -uo pipefail
@@ -41,13 +42,14 @@ date -u +%Y-%m-%dT%H:%M:%SZ
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 "$PYTHON" -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__, "cuda", torch.version.cuda)'
 
+STAGES=" ${STAGES:-step knn data} "
 STEP=(-m benchmarks.bench_step --device=cuda --arch=resnet18 --teacher_arch=resnet50 --image_size=224 --queue_size=65536 --modes=reference,fast,graph)
-for b in ${STEP_BATCHES:-32 128}; do
+[[ $STAGES == *" step "* ]] && for b in ${STEP_BATCHES:-32 128}; do
   stage 90 "$PYTHON" "${STEP[@]}" --batch_size="$b" --json="$OUT/step_b$b.json"
 done
-stage 260 "$PYTHON" -m benchmarks.bench_knn --cases="${KNN_CASES:-uniform:2048,clustered:2048,uniform:4096,clustered:4096}" \
+[[ $STAGES == *" knn "* ]] && stage 260 "$PYTHON" -m benchmarks.bench_knn --cases="${KNN_CASES:-uniform:2048,clustered:2048,uniform:4096,clustered:4096}" \
   --json="$OUT/knn.json"
-stage 150 "$PYTHON" -m benchmarks.bench_data --source=datasets/foolbox-3.3.4-py3-none-any.whl --train \
+[[ $STAGES == *" data "* ]] && stage 150 "$PYTHON" -m benchmarks.bench_data --source=datasets/foolbox-3.3.4-py3-none-any.whl --train \
   --workers=8,16 --steps=15 --json="$OUT/data.json"
 echo "run_gpu.sh: $([ $status = 0 ] && echo PASS || echo FAIL) after ${SECONDS}s"
 exit $status

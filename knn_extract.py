@@ -20,9 +20,9 @@ from data.folder import UNREADABLE, ImageFolder, MarkUnreadable, unreadable_erro
 from data.jpeg_bags import EncodedEvalBatches, EncodedTwoViewDataset
 from data.neighbours import bag_precision, load_neighbours, save_neighbours, sidecar_path
 from data.transforms import eval_transform, resize_size
-from models import ARCHS, load_backbone
-from models.checkpoints import FORMATS
-from utils import checkpoint, dist, errors, knn
+from models import ARCHS, load_pretrained
+from models.pretrained import FORMATS
+from utils import atomic, dist, errors, knn
 from utils.features import embed, gather_by_index
 from utils.training import make_loader
 
@@ -70,14 +70,14 @@ def main(argv):
         raise app.UsageError(f'--batch_size={FLAGS.batch_size} (global) is not divisible by '
                              f'{info.world_size} processes')
     start = time.time()
-    checkpoint.check_writable(FLAGS.output, '--output')
-    checkpoint.check_writable(sidecar_path(FLAGS.output), '--output')
+    atomic.check_writable(FLAGS.output, '--output')
+    atomic.check_writable(sidecar_path(FLAGS.output), '--output')
     folder = ImageFolder(os.path.join(FLAGS.data_dir, 'train'), transform=eval_transform(FLAGS.image_size))
     k = FLAGS.clus_pos_num
     if not 0 < k < len(folder):
         raise app.UsageError(f'--clus_pos_num={k} must be in [1, {len(folder) - 1}] for the '
                              f'{len(folder)} images of {folder.root}')
-    teacher = load_backbone(FLAGS.teacher_arch, FLAGS.teacher, FLAGS.teacher_format).to(info.device).eval()
+    teacher = load_pretrained(FLAGS.teacher_arch, FLAGS.teacher, FLAGS.teacher_format).to(info.device).eval()
     memory_format = torch.channels_last if FLAGS.channels_last else torch.contiguous_format
     teacher.to(memory_format=memory_format)
 

@@ -21,9 +21,9 @@ from data.folder import ImageFolder
 from data.jpeg_bags import EncodedBagDataset, EncodedTwoViewDataset, views_on_device
 from data.neighbours import FORMATS as NEIGHBOUR_FORMATS, load_neighbours
 from data.transforms import moco_v2_augmentation
-from models import ARCHS, build_student, load_teacher
-from models.checkpoints import FORMATS
-from models.distill import DisCo, build_training_module, student_optimizer
+from models import ARCHS, build_student, load_pretrained
+from models.pretrained import FORMATS
+from models.distill import build_training_module, student_optimizer
 from models.fast import TrainStep
 from utils import checkpoint, dist, errors, preemption, rundir
 from utils.logging import JsonlWriter, Progress
@@ -158,7 +158,7 @@ def build_model(folder, speed):
         if FLAGS.data_pipeline == 'gpu':
             return model, EncodedTwoViewDataset(folder)
         return model, TwoViewDataset(folder, augmentation)
-    teacher = load_teacher(FLAGS.teacher_arch, FLAGS.teacher, FLAGS.teacher_format)
+    teacher = load_pretrained(FLAGS.teacher_arch, FLAGS.teacher, FLAGS.teacher_format, with_head=True)
     if FLAGS.method in ('seed', 'disco'):  # views of single images, no bags (SEED takes the first)
         model = build_training_module(FLAGS.method, student, teacher, teacher_bn=FLAGS.teacher_bn,
                                       moco_momentum=FLAGS.moco_momentum, disco_weight=FLAGS.disco_weight,
@@ -187,22 +187,12 @@ def save(model, optimizer, epoch, step, steps, rng=None):
     checkpoint_<epoch>.pth (kept every --save_freq) and the exported student; mid-epoch (a stopped
     run) with every rank's RNG state `rng`, so that the run resumes at that very step."""
     finished = step == steps
-    state = {'arch': FLAGS.arch, 'method': FLAGS.method, 'epoch': epoch + 1 if finished else epoch,
-             'step': 0 if finished else step, 'world_size': dist.get_world_size(), 'rng': rng,
-             'student': model.student.state_dict(), 'queue': model.queue.state_dict(),
-             'optimizer': optimizer.state_dict(), 'flags': recorded_flags()}
-    if FLAGS.method == 'moco':
-        state['teacher'] = model.teacher.state_dict()
-    if isinstance(model, DisCo):
-        state['key_encoder'] = model.key_encoder.state_dict()
-    checkpoint.save_atomic(state, os.path.join(FLAGS.output_dir, checkpoint.LATEST))
-    if not finished:
-        return
-    if (epoch + 1) % FLAGS.save_freq == 0 or epoch + 1 == FLAGS.epochs:
-        checkpoint.save_atomic(state, os.path.join(FLAGS.output_dir, f'checkpoint_{epoch + 1:04d}.pth'))
-    # Loads into torchvision.models.<arch>() (its classifier aside).
-    checkpoint.save_atomic(model.student.backbone.state_dict(),
-                           os.path.join(FLAGS.output_dir, 'student_backbone.pth'))
+    run = checkpoint.RunCheckpoint(FLAGS.arch, FLAGS.method, epoch + 1 if finished else epoch,
+                                   0 if finished else step, dist.get_world_size(), rng, model.training_state(),
+                                   optimizer.state_dict(), recorded_flags())
+    keep = finished and ((epoch + 1) % FLAGS.save_freq == 0 or epoch + 1 == FLAGS.epochs)
+    # The exported backbone loads into torchvision.models.<arch>() (its classifier aside).
+    checkpoint.save_run(FLAGS.output_dir, run, keep, model.student.backbone.state_dict() if finished else None)
 
 
 def resume(model, optimizer):
@@ -212,27 +202,23 @@ def resume(model, optimizer):
     if found is None:
         return 0, 0, None
     path, state, note = found
-    changed = checkpoint.changed_flags(state.get('flags', {}), recorded_flags(), RUN_FLAGS)
+    run = checkpoint.RunCheckpoint.from_dict(state, path)
+    changed = checkpoint.changed_flags(run.flags, recorded_flags(), RUN_FLAGS)
     if changed:
         raise app.UsageError(f'{path} was trained with other values of flags that define the run: '
                              f'{"; ".join(changed)}. Pass its values to continue it, or another '
                              '--output_dir for a new run')
-    epoch, step = state['epoch'], state.get('step', 0)
-    if step and state['world_size'] != dist.get_world_size():
-        raise app.UsageError(f'{path} stopped within epoch {epoch} on {state["world_size"]} processes: '
+    epoch, step = run.epoch, run.step
+    if step and run.world_size != dist.get_world_size():
+        raise app.UsageError(f'{path} stopped within epoch {epoch} on {run.world_size} processes: '
                              'resume it on as many (each process resumes its own share of the epoch)')
-    model.student.load_state_dict(state['student'])
-    model.queue.load_state_dict(state['queue'])
-    if FLAGS.method == 'moco':
-        model.teacher.load_state_dict(state['teacher'])
-    if isinstance(model, DisCo):
-        model.key_encoder.load_state_dict(state['key_encoder'])
-    optimizer.load_state_dict(state['optimizer'])
+    model.load_training_state(run.modules)
+    optimizer.load_state_dict(run.optimizer)
     if dist.is_main():
         for line in (note, f'resumed from {path} at epoch {epoch}' + (f' step {step}' if step else '')):
             if line:
                 print(line, flush=True)
-    return epoch, step, state['rng'][dist.get_rank()] if step else None
+    return epoch, step, run.rng[dist.get_rank()] if step else None
 
 
 def main(argv):

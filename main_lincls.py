@@ -25,10 +25,10 @@ from absl import app, flags
 from data.folder import ImageFolder, check_same_classes
 from data.subsets import LabelledSubset, balanced_subset, load_subset, write_subset_list
 from data.transforms import eval_transform, linear_train_transform
-from models import ARCHS, build_backbone, load_backbone
-from models.checkpoints import FORMATS
+from models import ARCHS, build_backbone, read_pretrained
+from models.pretrained import FORMATS
 from models.linear import FineTuned, LinearProbe
-from utils import checkpoint, dist, errors, knn
+from utils import atomic, checkpoint, dist, errors, knn
 from utils.features import embed, gather_by_index
 from utils.knn_classifier import knn_classify
 from utils.logging import JsonlWriter, Progress
@@ -160,27 +160,19 @@ def set_epoch_lr(optimizer, epoch):
     return lr
 
 
-def pretrained_source():
+def pretrained_source(weights):
     """Where the backbone comes from, for the result file: the distillation run's own record
     (method, teacher, epochs) when --pretrained is a main_distill.py checkpoint."""
-    if FLAGS.pretrained == 'random':
+    if weights is None:
         return {'arch': FLAGS.arch, 'pretrained': 'random', 'method': 'random init'}
-    source = {'arch': FLAGS.arch, 'pretrained': os.path.abspath(FLAGS.pretrained)}
-    state = checkpoint.load(FLAGS.pretrained)
-    if not (isinstance(state, dict) and isinstance(state.get('flags'), dict) and 'method' in state):
-        return source
-    run = state['flags']
-    teacher = run.get('teacher') if state['method'] != 'moco' else None  # MoCo alone has none
-    return {**source, 'method': state['method'], 'distill_epochs': state.get('epoch'),
-            'teacher': os.path.basename(teacher) if teacher else None,
-            'teacher_arch': run.get('teacher_arch') if teacher else None}
+    return {'arch': FLAGS.arch, 'pretrained': os.path.abspath(FLAGS.pretrained), **weights.origin}
 
 
-def finish(result, name):
+def finish(result, name, source):
     """Print the result as one JSON line and write it to output_dir/<name> (rank 0)."""
     if dist.is_main():
         if name:
-            checkpoint.write_json_atomic({**result, **pretrained_source()}, os.path.join(FLAGS.output_dir, name))
+            atomic.write_json_atomic({**result, **source}, os.path.join(FLAGS.output_dir, name))
         print(json.dumps(result), flush=True)
 
 
@@ -251,7 +243,7 @@ def save(probe, optimizer, epoch, best_top1, digest, train_folder, name='checkpo
              'train_fingerprint': train_folder.fingerprint(),
              'pretrained': os.path.abspath(FLAGS.pretrained), 'backbone_digest': digest,
              'flags': FLAGS.flag_values_dict()}
-    checkpoint.save_atomic(state, os.path.join(FLAGS.output_dir, name))
+    atomic.save_atomic(state, os.path.join(FLAGS.output_dir, name))
 
 
 def saved_probe_path():
@@ -310,11 +302,13 @@ def main(argv):
     val_folder = ImageFolder(os.path.join(FLAGS.data_dir, 'val'), eval_transform(FLAGS.image_size))
     check_same_classes(all_train, val_folder)
     if FLAGS.pretrained == 'random':
-        backbone = build_backbone(FLAGS.arch)  # initialised from --seed, like the classifier
+        weights, backbone = None, build_backbone(FLAGS.arch)  # initialised from --seed, like the classifier
     else:
-        backbone = load_backbone(FLAGS.arch, FLAGS.pretrained, FLAGS.pretrained_format)
+        weights = read_pretrained(FLAGS.pretrained, FLAGS.pretrained_format)
+        backbone = weights.build(FLAGS.arch)
+    source = pretrained_source(weights)
     if FLAGS.eval == 'knn':
-        finish(knn_evaluation(backbone, all_train, val_folder, info.device), 'result_knn.json')
+        finish(knn_evaluation(backbone, all_train, val_folder, info.device), 'result_knn.json', source)
         dist.cleanup()
         return
 
@@ -332,7 +326,7 @@ def main(argv):
     semi = semi_record(train_folder, len(all_train)) if is_semi_supervised() else {}
     if FLAGS.evaluate:
         result = validate(probe, val_loader, list(val_sampler), info.device, {'validate': path})
-        finish({**result, 'best_top1': best_top1, 'epochs': start_epoch, **semi}, None)
+        finish({**result, 'best_top1': best_top1, 'epochs': start_epoch, **semi}, None, source)
         dist.cleanup()
         return
 
@@ -392,7 +386,7 @@ def main(argv):
     if result is None:  # resumed from a finished run
         result = validate(probe, val_loader, list(val_sampler), info.device, {'validate': 'val'})
     finish({'top1': result['top1'], 'top5': result['top5'], 'best_top1': best_top1, 'epochs': FLAGS.epochs,
-            **semi}, 'result_semi.json' if semi else 'result_linear.json')
+            **semi}, 'result_semi.json' if semi else 'result_linear.json', source)
     dist.cleanup()
 
 

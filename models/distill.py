@@ -48,6 +48,10 @@ def momentum_update(key_encoder: nn.Module, encoder: nn.Module, momentum: float)
 
 
 class _Contrastive(nn.Module):
+    # What a checkpoint keeps of the module (training_state): the frozen teacher is the teacher
+    # file's, so only what training changes.
+    trained_parts = ('student', 'queue')
+
     def __init__(self, student, teacher, queue_size, temperature, teacher_bn, precision, channels_last):
         super().__init__()
         self.student, self.teacher = student, freeze(teacher)
@@ -69,6 +73,15 @@ class _Contrastive(nn.Module):
         if self.teacher_bn == 'eval':  # running statistics, never batch statistics
             self.teacher.eval()
         return self
+
+    def training_state(self) -> dict:
+        """{part: state dict} of what training changes, for a checkpoint (utils.checkpoint.RunCheckpoint)."""
+        return {part: getattr(self, part).state_dict() for part in self.trained_parts}
+
+    def load_training_state(self, state: dict):
+        """Restore what training_state() returned."""
+        for part in self.trained_parts:
+            getattr(self, part).load_state_dict(state[part])
 
     def seed_draws(self, seed: int):
         """Reseed the node-wide draws (call with the same seed on every rank, e.g. per epoch)."""
@@ -193,6 +206,8 @@ class BingoDistiller(_Contrastive):
 class MoCo(_Contrastive):
     """MoCo v2 from scratch: the teacher is a momentum copy of the student, one positive, no bags."""
 
+    trained_parts = ('student', 'queue', 'teacher')  # the teacher follows the student by momentum
+
     def __init__(self, student, queue_size=65536, temperature=0.2, momentum=0.999,
                  precision='fp32', channels_last=False):
         super().__init__(student, copy.deepcopy(student), queue_size, temperature, 'train',
@@ -252,6 +267,8 @@ class DisCo(_Contrastive):
     """DisCo (Gao et al., ECCV 2022): MoCo v2 on the student (its momentum key encoder, shuffle BN and
     queue of momentum keys) plus the consistency of the student's embedding of each view with the
     frozen teacher's embedding of that view (docs/peers.md)."""
+
+    trained_parts = ('student', 'queue', 'key_encoder')
 
     def __init__(self, student, teacher, queue_size=65536, temperature=0.2, momentum=0.999, weight=32.0,
                  teacher_bn='local', precision='fp32', channels_last=False):

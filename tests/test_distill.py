@@ -15,7 +15,7 @@ from models import build_student
 from models.distill import BingoDistiller, MoCo
 from models.loss import bingo_paper_loss
 from tests.test_knn_extract import run_script
-from utils import checkpoint, preemption, rundir
+from utils import atomic, checkpoint, preemption, rundir
 
 
 def test_step_pushes_teacher_anchor_keys_and_leaves_the_teacher_frozen():
@@ -172,7 +172,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_folder, bingo_
     good = checkpoint.load(os.path.join(out, 'checkpoint.pth'))
     # The first epoch of a run whose later epochs diverge.
     good['flags'].update(lr=1e30, epochs=3)
-    checkpoint.save_atomic(good, os.path.join(out, 'checkpoint.pth'))
+    atomic.save_atomic(good, os.path.join(out, 'checkpoint.pth'))
     result = distill(tiny_folder, out, teacher=teacher, neighbours=bags, epochs=3, lr=1e30)
     assert result.returncode != 0 and 'loss is nan' in result.stderr
     kept = checkpoint.load(os.path.join(out, 'checkpoint.pth'))

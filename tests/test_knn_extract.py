@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from data.folder import ImageFolder
 from data.transforms import eval_transform
-from models import build_backbone, load_backbone
+from models import build_backbone, load_pretrained
 from tests.multiprocess import torchrun, torchrun_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,7 +55,7 @@ def test_neighbours_are_the_exact_nearest_by_index(tiny_folder, teacher_file, on
     neighbours = np.load(output)
     folder = ImageFolder(os.path.join(tiny_folder, 'train'), transform=eval_transform(32))
     assert neighbours.shape == (len(folder), 3) and neighbours.dtype.kind == 'i'
-    teacher = load_backbone('resnet18', teacher_file).eval()
+    teacher = load_pretrained('resnet18', teacher_file).eval()
     with torch.no_grad():
         features = F.normalize(teacher(torch.stack([folder[i][0] for i in range(len(folder))])), dim=1)
     similarity = features @ features.t()

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from data.folder import ImageFolder
 from data.transforms import eval_transform
-from models import build_backbone, load_backbone
+from models import build_backbone, load_pretrained
 from models.linear import LinearProbe
 from tests.multiprocess import torchrun, torchrun_env
 from tools import collect_results
@@ -146,7 +146,7 @@ def result_of(outcomes, case):
 
 def test_probe_of_a_few_moco_steps_learns_and_leaves_the_backbone_untouched(data_dir, moco_run):
     torch.manual_seed(0)
-    probe = LinearProbe(load_backbone('resnet18', moco_run / 'checkpoint.pth'), num_classes=3)
+    probe = LinearProbe(load_pretrained('resnet18', moco_run / 'checkpoint.pth'), num_classes=3)
     before = copy.deepcopy(probe.backbone.state_dict())
     digest = probe.backbone_digest()
     linear_before = probe.linear.weight.detach().clone()
@@ -246,7 +246,7 @@ def test_evaluate_on_one_and_two_processes_counts_the_same(data_dir, moco_run, o
 
 def test_knn_mode_matches_a_direct_computation(data_dir, moco_run, outcomes):
     result = result_of(outcomes, 'knn')
-    backbone = load_backbone('resnet18', moco_run / 'checkpoint.pth').eval()
+    backbone = load_pretrained('resnet18', moco_run / 'checkpoint.pth').eval()
     train_images, train_targets = split_tensors(data_dir, 'train')
     val_images, val_targets = split_tensors(data_dir, 'val')
     with torch.no_grad():

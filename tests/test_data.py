@@ -136,6 +136,7 @@ def test_every_unreadable_image_is_named_in_one_error(tmp_path):
     assert 'b.png' in message and 'd.png' in message and '\n' not in message
 
 
+@pytest.mark.slow
 def test_check_dataset_tool_lists_every_unreadable_image(tmp_path):
     write_png(str(tmp_path / 'cat' / 'a.png'))
     for name in ('b.png', 'c.png'):
@@ -455,6 +456,7 @@ def test_prepare_without_the_package_says_how_to_install_it(tmp_path):
 
 
 @needs_fashion_mnist
+@pytest.mark.slow
 def test_prepare_command_line(tmp_path):
     run = subprocess.run(
         [sys.executable, '-m', 'data.fashion_mnist', '--out_dir', str(tmp_path / 'fm'),

@@ -2,7 +2,6 @@
 import json
 import os
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -12,17 +11,9 @@ import torch.nn.functional as F
 from data.folder import ImageFolder
 from data.transforms import eval_transform
 from models import build_backbone, load_pretrained
-from tests.multiprocess import torchrun, torchrun_env
+from tests.helpers import run_script
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_script(script, nproc=1, env=None, **flags):
-    """Run a stage script with --flag=value arguments (and `env` added to the environment);
-    returns the completed process."""
-    args = [f'--{key}={value}' for key, value in flags.items()]
-    return subprocess.run(torchrun(nproc) + [os.path.join(REPO, script)] + args, cwd=REPO,
-                          env={**torchrun_env(), **(env or {})}, capture_output=True, text=True, timeout=300)
+pytestmark = pytest.mark.slow  # every test here runs the stage end to end
 
 
 def extract(data_dir, teacher, output, nproc=1, **flags):

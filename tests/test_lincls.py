@@ -5,7 +5,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -16,46 +15,11 @@ from data.folder import ImageFolder
 from data.transforms import eval_transform
 from models import build_backbone, load_pretrained
 from models.linear import LinearProbe
-from tests.multiprocess import torchrun, torchrun_env
+from tests.helpers import TINY, result_of, run, run_main_lincls
+from tests.multiprocess import torchrun
 from tools import collect_results
 from utils.features import gather_by_index
 from utils.knn_classifier import knn_classify, knn_vote, rank_classes
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ['--image_size=32', '--workers=0', '--device=cpu']
-
-# main_lincls.main called for several argument lists in turn in one process (a torch import per
-# run would cost more than the runs); each outcome is printed as one JSON line:
-# ['result', the run's final JSON] or [error type, message].
-MAIN_DRIVER = '''
-import contextlib, io, json, sys
-from absl import flags
-import main_lincls
-for argv in json.loads(sys.argv[1]):
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(['main_lincls.py'] + argv)
-    printed = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(printed):
-            main_lincls.main([])
-        outcome = ['result', json.loads(printed.getvalue().splitlines()[-1])]
-    except Exception as e:
-        outcome = [type(e).__name__, str(e)]
-    print(json.dumps(outcome), flush=True)
-'''
-
-
-def run_main_lincls(cases):
-    """{case: argv} -> {case: outcome}, all in one Python process through MAIN_DRIVER."""
-    result = run([sys.executable, '-c', MAIN_DRIVER], [json.dumps(list(cases.values()))])
-    assert result.returncode == 0, result.stderr[-3000:]
-    return dict(zip(cases, (json.loads(line) for line in result.stdout.splitlines())))
-
-
-def run(command, args):
-    return subprocess.run(command + args, cwd=REPO, env=torchrun_env(), capture_output=True, text=True,
-                          timeout=300)
-
 
 def split_tensors(root, split):
     folder = ImageFolder(os.path.join(root, split), eval_transform(32))
@@ -138,12 +102,7 @@ def outcomes(data_dir, moco_run, scratch):
     return run_main_lincls({case: TINY + args for case, args in cases.items()})
 
 
-def result_of(outcomes, case):
-    kind, value = outcomes[case]
-    assert kind == 'result', f'{case}: {kind} {value}'
-    return value
-
-
+@pytest.mark.slow
 def test_probe_of_a_few_moco_steps_learns_and_leaves_the_backbone_untouched(data_dir, moco_run):
     torch.manual_seed(0)
     probe = LinearProbe(load_pretrained('resnet18', moco_run / 'checkpoint.pth'), num_classes=3)
@@ -212,6 +171,7 @@ def test_gather_by_index_drops_padding_and_checks_coverage():
         gather_by_index(rows, [0, 1, 1, 0], 3)
 
 
+@pytest.mark.slow
 def test_linear_run_writes_checkpoints_metrics_and_result(outcomes, moco_run):
     result, out = result_of(outcomes, 'train'), moco_run / 'lincls'
     assert set(result) == {'top1', 'top5', 'best_top1', 'epochs'} and result['epochs'] == 2
@@ -226,6 +186,7 @@ def test_linear_run_writes_checkpoints_metrics_and_result(outcomes, moco_run):
     assert os.path.exists(out / 'checkpoint_best.pth')
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_where_the_uninterrupted_one_does(outcomes, moco_run, scratch):
     assert result_of(outcomes, 'first epoch')['epochs'] == 1
     assert result_of(outcomes, 'resumed') == result_of(outcomes, 'train')
@@ -234,6 +195,7 @@ def test_resumed_run_ends_where_the_uninterrupted_one_does(outcomes, moco_run, s
     assert all(torch.equal(resumed['linear'][k], uninterrupted['linear'][k]) for k in ('weight', 'bias'))
 
 
+@pytest.mark.slow
 def test_evaluate_on_one_and_two_processes_counts_the_same(data_dir, moco_run, outcomes):
     trained, one = result_of(outcomes, 'train'), result_of(outcomes, 'evaluate')
     result = run(torchrun(2) + ['main_lincls.py'], evaluate_args(data_dir, moco_run))
@@ -244,6 +206,7 @@ def test_evaluate_on_one_and_two_processes_counts_the_same(data_dir, moco_run, o
     assert one['epochs'] == two['epochs'] == 2
 
 
+@pytest.mark.slow
 def test_knn_mode_matches_a_direct_computation(data_dir, moco_run, outcomes):
     result = result_of(outcomes, 'knn')
     backbone = load_pretrained('resnet18', moco_run / 'checkpoint.pth').eval()
@@ -264,6 +227,7 @@ def test_knn_mode_matches_a_direct_computation(data_dir, moco_run, outcomes):
     assert json.load(open(moco_run / 'knn' / 'result_knn.json'))['method'] == 'moco'
 
 
+@pytest.mark.slow
 def test_collector_tables_finished_runs_beside_the_paper(outcomes, runs, capsys):
     linear, knn = result_of(outcomes, 'train'), result_of(outcomes, 'knn')
     collect_results.main([str(runs)])
@@ -285,6 +249,7 @@ def test_collector_names_spec_teachers():
     assert collect_results.teacher_label({}) == '-'  # the --pretrained file itself, e.g. a teacher
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_clear_errors(outcomes):
     kind, message = outcomes['no student weights']
     assert kind == 'CheckpointError' and 'no_student.pth' in message and "'bingo'" in message

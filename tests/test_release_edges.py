@@ -8,13 +8,14 @@ import torch
 from efficientnet_pytorch import EfficientNet
 
 from data.folder import ImageFolder
-from tests.test_distill import bingo_inputs, distill  # noqa: F401 (bingo_inputs is a fixture)
-from tests.test_lincls import TINY, run_main_lincls
+from tests.helpers import TINY, distill, run_main_lincls
 from utils import checkpoint
+
+pytestmark = pytest.mark.slow  # every test here runs the stage end to end
 
 
 @pytest.fixture(scope='module')
-def released_run(tiny_folder, bingo_inputs, tmp_path_factory):  # noqa: F811
+def released_run(tiny_folder, bingo_inputs, tmp_path_factory):
     """1 epoch of an efficientnet_b0 student from a bare (N, 4) .npy with --clus_pos_num=2."""
     teacher, _ = bingo_inputs
     root = tmp_path_factory.mktemp('released')

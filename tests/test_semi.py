@@ -17,9 +17,8 @@ from data.subsets import (LabelledSubset, SubsetError, balanced_subset, load_sub
                           write_subset_list)
 from models import build_backbone
 from models.linear import FineTuned, LinearProbe
-from tests.conftest import render_shapes_tree
 from tests.multiprocess import fake_torchrun, flag_value, torchrun
-from tests.test_lincls import REPO, TINY, result_of, run, run_main_lincls
+from tests.helpers import REPO, TINY, render_shapes_tree, result_of, run, run_main_lincls
 from tools import collect_results
 
 
@@ -177,6 +176,7 @@ def loaded_backbone(path):
     return backbone
 
 
+@pytest.mark.slow
 def test_finetune_run_trains_the_whole_network_on_the_drawn_subset(outcomes, runs, pretrained, train_folder):
     result, out = result_of(outcomes, 'finetune'), runs / 'finetune_50'
     assert result['protocol'] == 'finetune' and result['train_images'] == 12 and result['labelled_percent'] == 50
@@ -197,6 +197,7 @@ def test_finetune_run_trains_the_whole_network_on_the_drawn_subset(outcomes, run
     assert lrs == pytest.approx([0.05, 0.5])  # backbone, classifier: epoch 0 of the cosine
 
 
+@pytest.mark.slow
 def test_linear_run_on_a_listed_subset_leaves_the_backbone_frozen(outcomes, runs, pretrained):
     result, out = result_of(outcomes, 'linear'), runs / 'linear_50'
     finetuned = result_of(outcomes, 'finetune')
@@ -210,6 +211,7 @@ def test_linear_run_on_a_listed_subset_leaves_the_backbone_frozen(outcomes, runs
     assert state['backbone_digest'] == LinearProbe(loaded_backbone(pretrained), 3).backbone_digest()
 
 
+@pytest.mark.slow
 def test_finetune_on_two_processes_trains_the_backbone(data_dir, pretrained, tmp_path):
     """The whole network under DistributedDataParallel (gloo), BatchNorm buffers included."""
     result = run(torchrun(2) + ['main_lincls.py'], TINY + [
@@ -222,11 +224,13 @@ def test_finetune_on_two_processes_trains_the_backbone(data_dir, pretrained, tmp
     assert not torch.equal(trained['backbone.layer1.0.conv1.weight'], start['layer1.0.conv1.weight'])
 
 
+@pytest.mark.slow
 def test_saved_finetuned_network_evaluates_to_its_result(outcomes):
     trained, evaluated = result_of(outcomes, 'finetune'), result_of(outcomes, 'evaluate finetune')
     assert (evaluated['top1'], evaluated['top5'], evaluated['epochs']) == (trained['top1'], trained['top5'], 1)
 
 
+@pytest.mark.slow
 def test_bad_semi_supervised_inputs_are_clear_errors(outcomes):
     kind, message = outcomes['evaluate with the other protocol']
     assert kind == 'UsageError' and 'was trained with --protocol=finetune, not --protocol=linear' in message
@@ -242,6 +246,7 @@ def test_bad_semi_supervised_inputs_are_clear_errors(outcomes):
     assert kind == 'UsageError' and '--train_percent' in message
 
 
+@pytest.mark.slow
 def test_collector_tables_semi_supervised_runs_beside_the_paper(outcomes, runs, capsys):
     finetuned, linear = result_of(outcomes, 'finetune'), result_of(outcomes, 'linear')
     collect_results.main([str(runs)])

@@ -23,6 +23,7 @@ def _gather_and_shuffle(rank, out_dir):
     torch.save({'shuffled': shuffled, 'perm': perm}, os.path.join(out_dir, f'rank{rank}.pt'))
 
 
+@pytest.mark.slow
 def test_shuffle_bn_mixes_ranks_and_unshuffles(tmp_path):
     run_on_processes(_gather_and_shuffle, 2, (str(tmp_path),))
     r0, r1 = (torch.load(tmp_path / f'rank{r}.pt') for r in (0, 1))

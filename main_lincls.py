@@ -35,50 +35,56 @@ from utils.logging import JsonlWriter, Progress
 from utils.schedule import cosine_lr
 from utils.training import epoch_batches, make_loader
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string('data_dir', None, 'ImageFolder root holding train/ and val/ with the same classes.')
-flags.DEFINE_string('output_dir', None, 'Where checkpoints, metrics.jsonl and the result JSON go.')
-flags.DEFINE_enum('arch', 'resnet18', ARCHS, 'Backbone of --pretrained.')
+FLAGS = flags.FlagValues()  # this script's own flags (utils/args.py)
+flags.DEFINE_string('data_dir', None, 'ImageFolder root holding train/ and val/ with the same classes.',
+                    flag_values=FLAGS)
+flags.DEFINE_string('output_dir', None, 'Where checkpoints, metrics.jsonl and the result JSON go.', flag_values=FLAGS)
+flags.DEFINE_enum('arch', 'resnet18', ARCHS, 'Backbone of --pretrained.', flag_values=FLAGS)
 flags.DEFINE_string('pretrained', None, 'Checkpoint holding the backbone (distillation run, exported '
-                    "student_backbone.pth, or a teacher), or 'random': the untrained --arch, a baseline.")
+                    "student_backbone.pth, or a teacher), or 'random': the untrained --arch, a baseline.",
+                    flag_values=FLAGS)
 flags.DEFINE_enum('pretrained_format', 'auto', FORMATS,
                   "Layout of --pretrained: 'bingo' a distillation checkpoint, 'torchvision' the exported "
-                  'backbone, moco/swav a teacher.')
+                  'backbone, moco/swav a teacher.', flag_values=FLAGS)
 flags.DEFINE_enum('eval', 'linear', ['linear', 'knn'],
-                  'linear: train the probe; knn: weighted kNN vote, no training.')
+                  'linear: train the probe; knn: weighted kNN vote, no training.', flag_values=FLAGS)
 flags.DEFINE_enum('protocol', 'linear', ['linear', 'finetune'],
                   'linear: train a Linear classifier on the frozen backbone (SPEC stage 3; DisCo\'s '
                   'semi-supervised protocol); finetune: train the whole network, BatchNorm in train mode '
-                  '(SPEC\'s semi-supervised table).')
+                  '(SPEC\'s semi-supervised table).', flag_values=FLAGS)
 flags.DEFINE_string('train_subset', None,
                     'List of the labelled training images, one per line: a file name (SimCLR\'s 1 % / 10 % '
-                    'ImageNet lists) or a path below train/ (the list --train_percent writes).')
+                    'ImageNet lists) or a path below train/ (the list --train_percent writes).', flag_values=FLAGS)
 flags.DEFINE_float('train_percent', None,
                    'Train on this many % of the training images, the same number from every class, '
-                   'drawn with --seed; the list is written to <output_dir>/train_subset.txt for reuse.')
-flags.DEFINE_integer('epochs', None, 'Training epochs; default 120 (linear) or 20 (finetune).')
-flags.DEFINE_integer('batch_size', 256, 'Global batch size, split evenly across processes.')
+                   'drawn with --seed; the list is written to <output_dir>/train_subset.txt for reuse.',
+                   flag_values=FLAGS)
+flags.DEFINE_integer('epochs', None, 'Training epochs; default 120 (linear) or 20 (finetune).', flag_values=FLAGS)
+flags.DEFINE_integer('batch_size', 256, 'Global batch size, split evenly across processes.', flag_values=FLAGS)
 flags.DEFINE_float('lr', None, 'Learning rate of the classifier; default 30 (linear; 3.0 for '
-                   'EfficientNet-B0) or 0.2 (finetune).')
-flags.DEFINE_float('backbone_lr', None, 'Learning rate of the backbone (--protocol=finetune); default 0.01.')
+                   'EfficientNet-B0) or 0.2 (finetune).', flag_values=FLAGS)
+flags.DEFINE_float('backbone_lr', None, 'Learning rate of the backbone (--protocol=finetune); default 0.01.',
+                   flag_values=FLAGS)
 flags.DEFINE_float('min_lr', None, 'Classifier learning rate the cosine ends at; default 0.01 (linear; '
                    '0.001 for EfficientNet-B0) or 0 (finetune). The backbone\'s ends at the same fraction '
-                   'of --backbone_lr.')
-flags.DEFINE_float('weight_decay', 0.0, 'SGD weight decay.')
-flags.DEFINE_float('momentum', 0.9, 'SGD momentum.')
-flags.DEFINE_list('knn_k', ['20'], 'Neighbours voting (--eval=knn); the first is the headline result.')
-flags.DEFINE_float('knn_temperature', 0.07, 'T of the vote weight exp(similarity / T).')
-flags.DEFINE_enum('knn_backend', 'auto', knn.BACKENDS, 'Exact search engine (--eval=knn).')
-flags.DEFINE_integer('image_size', 224, 'Crop size; validation resizes to size*256/224 first.')
-flags.DEFINE_integer('workers', 8, 'DataLoader workers per process.')
-flags.DEFINE_integer('seed', 0, 'Seed; each epoch reseeds from (seed, epoch, rank).')
-flags.DEFINE_integer('report_freq', 10, 'Print and log progress every this many steps.')
+                   'of --backbone_lr.', flag_values=FLAGS)
+flags.DEFINE_float('weight_decay', 0.0, 'SGD weight decay.', flag_values=FLAGS)
+flags.DEFINE_float('momentum', 0.9, 'SGD momentum.', flag_values=FLAGS)
+flags.DEFINE_list('knn_k', ['20'], 'Neighbours voting (--eval=knn); the first is the headline result.',
+                  flag_values=FLAGS)
+flags.DEFINE_float('knn_temperature', 0.07, 'T of the vote weight exp(similarity / T).', flag_values=FLAGS)
+flags.DEFINE_enum('knn_backend', 'auto', knn.BACKENDS, 'Exact search engine (--eval=knn).', flag_values=FLAGS)
+flags.DEFINE_integer('image_size', 224, 'Crop size; validation resizes to size*256/224 first.', flag_values=FLAGS)
+flags.DEFINE_integer('workers', 8, 'DataLoader workers per process.', flag_values=FLAGS)
+flags.DEFINE_integer('seed', 0, 'Seed; each epoch reseeds from (seed, epoch, rank).', flag_values=FLAGS)
+flags.DEFINE_integer('report_freq', 10, 'Print and log progress every this many steps.', flag_values=FLAGS)
 flags.DEFINE_string('resume', None,
-                    "Probe checkpoint to continue from; 'auto' = output_dir/checkpoint.pth if present.")
+                    "Probe checkpoint to continue from; 'auto' = output_dir/checkpoint.pth if present.",
+                    flag_values=FLAGS)
 flags.DEFINE_bool('evaluate', False,
-                  'Only validate the saved probe of --resume (default output_dir/checkpoint.pth).')
-flags.DEFINE_string('device', 'auto', "'auto' (CUDA when available), 'cuda' or 'cpu'.")
-flags.mark_flags_as_required(['data_dir', 'pretrained', 'output_dir'])
+                  'Only validate the saved probe of --resume (default output_dir/checkpoint.pth).', flag_values=FLAGS)
+flags.DEFINE_string('device', 'auto', "'auto' (CUDA when available), 'cuda' or 'cpu'.", flag_values=FLAGS)
+flags.mark_flags_as_required(['data_dir', 'pretrained', 'output_dir'], flag_values=FLAGS)
 
 LINEAR_DEFAULTS = {'epochs': 120, 'lr': 30.0, 'min_lr': 0.01}  # SPEC stage 3
 # Not from the BINGO release (SPEC gives no fine-tuning recipe): SwAV's semi-supervised
@@ -391,4 +397,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    errors.run(main)
+    errors.run(main, FLAGS)

@@ -71,11 +71,10 @@ def distill(data_dir, output_dir, nproc=1, env=None, **flags):
 # ['result', the run's final JSON] or [error type, message].
 MAIN_DRIVER = '''
 import contextlib, io, json, sys
-from absl import flags
 import main_lincls
 for argv in json.loads(sys.argv[1]):
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(['main_lincls.py'] + argv)
+    main_lincls.FLAGS.unparse_flags()
+    main_lincls.FLAGS(['main_lincls.py'] + argv)
     printed = io.StringIO()
     try:
         with contextlib.redirect_stdout(printed):

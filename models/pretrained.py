@@ -10,8 +10,8 @@ Supported layouts (keys may carry DistributedDataParallel's 'module.' prefix):
   bingo        this project's distillation checkpoint {'student': Embedder state dict, 'arch', ...}
                (utils/checkpoint.py, the home of its layout).
 `read_pretrained` reads a file once into a Weights record, `Weights.build` puts its tensors into a
-network, `load_pretrained` does both. Every load is strict: a missing, unexpected or mis-shaped key is
-a CheckpointError, never skipped.
+network, `load_pretrained` does both; `evaluated_backbone` is stage 3's backbone and its record.
+Every load is strict: a missing, unexpected or mis-shaped key is a CheckpointError, never skipped.
 """
 import dataclasses
 import os
@@ -212,3 +212,22 @@ def _load_strict(module, state, part, where):
 def load_pretrained(arch, path, fmt='auto', with_head=False):
     """Backbone `arch` with the weights of `path` (with_head: the Embedder, see Weights.build)."""
     return read_pretrained(path, fmt).build(arch, with_head)
+
+
+DEFAULT_ARCH = 'resnet18'  # stage 3's backbone when neither --arch nor the checkpoint names one
+
+
+def evaluated_backbone(pretrained, fmt='auto', arch=None):
+    """(backbone, source) of stage 3: the backbone of `pretrained`, read once, or for 'random'
+    `arch` at random initialisation (a baseline; torch's RNG draws it). `arch` defaults to the one
+    the file records, else DEFAULT_ARCH, and must agree with it when given. `source` is what a
+    result file records of the backbone: 'arch', 'pretrained' and the distillation run's origin."""
+    if pretrained == 'random':
+        arch = arch or DEFAULT_ARCH
+        return build_backbone(arch), {'arch': arch, 'pretrained': 'random', 'method': 'random init'}
+    weights = read_pretrained(pretrained, fmt)
+    if arch and weights.arch and arch != weights.arch:
+        raise CheckpointError(f"--arch='{arch}', but checkpoint {pretrained} records arch '{weights.arch}': "
+                              'leave --arch out or pass the one it records')
+    arch = arch or weights.arch or DEFAULT_ARCH
+    return weights.build(arch), {'arch': arch, 'pretrained': os.path.abspath(pretrained), **weights.origin}

@@ -1,13 +1,12 @@
 """Code the test modules share: running the stage scripts, the tiny trees they run on, outcomes."""
-import json
 import os
 import random
 import subprocess
-import sys
 
 from PIL import Image, ImageDraw
 
 from tests.multiprocess import torchrun, torchrun_env
+from utils.args import Args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--image_size=32', '--workers=0', '--device=cpu']  # a stage's flags for the tiny trees on CPU
@@ -66,31 +65,24 @@ def distill(data_dir, output_dir, nproc=1, env=None, **flags):
     return run_script('main_distill.py', nproc, env, **{**options, **flags})
 
 
-# main_lincls.main called for several argument lists in turn in one process (a torch import per
-# run would cost more than the runs); each outcome is printed as one JSON line:
-# ['result', the run's final JSON] or [error type, message].
-MAIN_DRIVER = '''
-import contextlib, io, json, sys
-import main_lincls
-for argv in json.loads(sys.argv[1]):
-    main_lincls.FLAGS.unparse_flags()
-    main_lincls.FLAGS(['main_lincls.py'] + argv)
-    printed = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(printed):
-            main_lincls.main([])
-        outcome = ['result', json.loads(printed.getvalue().splitlines()[-1])]
-    except Exception as e:
-        outcome = [type(e).__name__, str(e)]
-    print(json.dumps(outcome), flush=True)
-'''
+def parse(script, argv):
+    """The Args of a stage script's command line `argv` (without the program name), as its main()
+    reads them: `script` is the module (main_distill, knn_extract, main_lincls, eval_knn)."""
+    script.FLAGS.unparse_flags()
+    script.FLAGS([f'{script.__name__}.py', *argv])
+    return Args.from_flags(script.FLAGS)
 
 
-def run_main_lincls(cases):
-    """{case: argv} -> {case: outcome}, all in one Python process through MAIN_DRIVER."""
-    result = run([sys.executable, '-c', MAIN_DRIVER], [json.dumps(list(cases.values()))])
-    assert result.returncode == 0, result.stderr[-3000:]
-    return dict(zip(cases, (json.loads(line) for line in result.stdout.splitlines())))
+def outcomes(script, cases):
+    """{case: argv} -> {case: outcome}: `script.run` called in this process for each command line in
+    turn; the outcome is ['result', what it returned] or [error type, message]."""
+    results = {}
+    for case, argv in cases.items():
+        try:
+            results[case] = ['result', script.run(parse(script, argv))]
+        except Exception as e:  # the error is the outcome under test
+            results[case] = [type(e).__name__, str(e)]
+    return results
 
 
 def result_of(outcomes, case):

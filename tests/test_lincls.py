@@ -1,12 +1,10 @@
-"""Stage 3: the frozen linear probe, the kNN vote, main_lincls.py end to end on 1 and 2 processes,
-its bad inputs, and the results table."""
+"""Stage 3: the frozen linear probe, the kNN vote, main_lincls.py and eval_knn.py end to end on 1
+and 2 processes, their bad inputs, and the results table."""
 import copy
 import json
 import math
 import os
 import shutil
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,8 +12,11 @@ import torch.nn.functional as F
 from data.folder import ImageFolder
 from data.transforms import eval_transform
 from models import build_backbone, load_pretrained
-from models.linear import LinearProbe
-from tests.helpers import TINY, result_of, run, run_main_lincls
+import eval_knn
+import main_distill
+import main_lincls
+from models.linear import LinearClassifier
+from tests.helpers import TINY, outcomes as run_outcomes, parse, result_of, run
 from tests.multiprocess import torchrun
 from tools import collect_results
 from utils.features import gather_by_index
@@ -52,10 +53,9 @@ def scratch(tmp_path_factory):
 def moco_run(data_dir, runs):
     """A resnet18 trained for 3 CPU steps of main_distill.py --method=moco."""
     out = runs / 'r18_moco_alone'
-    result = run([sys.executable, 'main_distill.py'], TINY + [
+    main_distill.run(parse(main_distill, TINY + [
         '--method=moco', f'--data_dir={data_dir}', f'--output_dir={out}', '--arch=resnet18',
-        '--batch_size=8', '--queue_size=16', '--epochs=1'])
-    assert result.returncode == 0, result.stderr[-3000:]
+        '--batch_size=8', '--queue_size=16', '--epochs=1']))
     return out
 
 
@@ -70,7 +70,7 @@ def evaluate_args(data_dir, moco_run):
 @pytest.fixture(scope='module')
 def outcomes(data_dir, moco_run, scratch):
     """{case: outcome} of main_lincls runs on one process, in order: train the probe, evaluate it,
-    kNN, then the bad inputs."""
+    then the bad inputs; and of eval_knn, 'knn'."""
     tmp = scratch
     no_student = tmp / 'no_student.pth'
     torch.save({'arch': 'resnet18', 'method': 'bingo', 'epoch': 1, 'flags': {}}, no_student)
@@ -89,8 +89,6 @@ def outcomes(data_dir, moco_run, scratch):
                         '--lr=0.001', '--min_lr=0'],
         'resumed': [data, student, f'--output_dir={tmp / "resumed"}', '--batch_size=8', '--epochs=2',
                     '--lr=0.001', '--min_lr=0', '--resume=auto'],
-        'knn': [data, student, f'--output_dir={moco_run / "knn"}', '--eval=knn', '--knn_k=5,10',
-                '--knn_backend=torch', '--batch_size=8'],
         'no student weights': [data, f'--pretrained={no_student}', '--pretrained_format=bingo',
                                f'--output_dir={tmp / "a"}'],
         'other architecture': [data, student, '--arch=resnet34', f'--output_dir={tmp / "b"}'],
@@ -99,13 +97,16 @@ def outcomes(data_dir, moco_run, scratch):
         'probe of another backbone': [data, f'--pretrained={other_backbone}', '--evaluate',
                                       f'--output_dir={moco_run / "lincls"}'],
     }
-    return run_main_lincls({case: TINY + args for case, args in cases.items()})
+    knn = {'knn': [data, student, f'--output_dir={moco_run / "knn"}', '--knn_k=5,10', '--knn_backend=torch',
+                   '--batch_size=8']}
+    return {**run_outcomes(main_lincls, {case: TINY + args for case, args in cases.items()}),
+            **run_outcomes(eval_knn, {case: TINY + args for case, args in knn.items()})}
 
 
 @pytest.mark.slow
 def test_probe_of_a_few_moco_steps_learns_and_leaves_the_backbone_untouched(data_dir, moco_run):
     torch.manual_seed(0)
-    probe = LinearProbe(load_pretrained('resnet18', moco_run / 'checkpoint.pth'), num_classes=3)
+    probe = LinearClassifier(load_pretrained('resnet18', moco_run / 'checkpoint.pth'), num_classes=3)
     before = copy.deepcopy(probe.backbone.state_dict())
     digest = probe.backbone_digest()
     linear_before = probe.linear.weight.detach().clone()
@@ -131,7 +132,7 @@ def test_probe_of_a_few_moco_steps_learns_and_leaves_the_backbone_untouched(data
 
 
 def test_digest_names_a_changed_buffer():
-    probe = LinearProbe(build_backbone('resnet18'), num_classes=2)
+    probe = LinearClassifier(build_backbone('resnet18'), num_classes=2)
     digest = probe.backbone_digest()
     probe.backbone.layer1[0].bn1.running_var[0] += 1e-3
     changed = [name for name, value in probe.backbone_digest().items() if digest[name] != value]
@@ -225,6 +226,16 @@ def test_knn_mode_matches_a_direct_computation(data_dir, moco_run, outcomes):
         assert result['by_k'][str(k)]['top1'] == pytest.approx(100 * correct / len(queries))
     assert result['top1'] == result['by_k']['5']['top1'] and result['k'] == 5
     assert json.load(open(moco_run / 'knn' / 'result_knn.json'))['method'] == 'moco'
+
+
+@pytest.mark.slow
+def test_main_lincls_eval_knn_still_runs_the_knn_evaluation_with_a_deprecation_message(data_dir, moco_run, outcomes,
+                                                                                       capsys):
+    argv = TINY + [f'--data_dir={data_dir}', f'--pretrained={moco_run / "checkpoint.pth"}', '--eval=knn',
+                   f'--output_dir={moco_run / "knn_deprecated"}', '--knn_k=5,10', '--knn_backend=torch',
+                   '--batch_size=8']
+    assert main_lincls.run(parse(main_lincls, argv)) == result_of(outcomes, 'knn')
+    assert 'main_lincls.py: --eval=knn is deprecated: run eval_knn.py' in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -15,7 +15,8 @@ from models import build_student
 from models.distill import SEED, DisCo
 from models.loss import disco_loss, seed_loss
 from tests.multiprocess import fake_torchrun, flag_value
-from tests.helpers import REPO, TINY, distill, run_main_lincls
+import eval_knn
+from tests.helpers import REPO, TINY, distill, outcomes
 from tools import collect_results
 from utils import checkpoint
 
@@ -142,8 +143,9 @@ def test_resumed_peer_run_ends_like_an_uninterrupted_one(peer_run, tiny_folder, 
 def test_collector_tables_a_peer_run_under_its_method_and_teacher(peer_run, tiny_folder, capsys):
     method, out, _ = peer_run
     knn = [f'--data_dir={tiny_folder}', f'--pretrained={out}/checkpoint.pth', f'--output_dir={out}/knn',
-           '--eval=knn', '--knn_k=5', '--knn_backend=torch', '--batch_size=8', *TINY]
-    assert run_main_lincls({'knn': knn})['knn'][0] == 'result'
+           '--knn_k=5', '--knn_backend=torch', '--batch_size=8', *TINY]
+    assert outcomes(eval_knn, {'knn': knn})['knn'][0] == 'result'
+    capsys.readouterr()  # the evaluation's own lines
     collect_results.main([out])
     row = [cell.strip() for cell in capsys.readouterr().out.splitlines()[2].strip('|').split('|')]
     name = collect_results.PEERS[method]

@@ -16,9 +16,10 @@ from data.transforms import eval_transform
 from data.subsets import (LabelledSubset, SubsetError, balanced_subset, load_subset, read_subset_list,
                           write_subset_list)
 from models import build_backbone
-from models.linear import FineTuned, LinearProbe
+import main_lincls
+from models.linear import LinearClassifier
 from tests.multiprocess import fake_torchrun, flag_value, torchrun
-from tests.helpers import REPO, TINY, render_shapes_tree, result_of, run, run_main_lincls
+from tests.helpers import REPO, TINY, outcomes as run_outcomes, render_shapes_tree, result_of, run
 from tools import collect_results
 
 
@@ -119,9 +120,9 @@ def test_finetuning_updates_the_backbone_and_the_linear_protocol_does_not(data_d
     folder = ImageFolder(data_dir / 'train', eval_transform(32))
     images = torch.stack([folder[i][0] for i in (0, 9, 17)])
     targets = torch.tensor([0, 1, 2])
-    for model_class, trains_backbone in ((FineTuned, True), (LinearProbe, False)):
+    for frozen, trains_backbone in ((False, True), (True, False)):  # fine-tuned, probe
         torch.manual_seed(0)
-        model = model_class(build_backbone('resnet18'), num_classes=3)
+        model = LinearClassifier(build_backbone('resnet18'), num_classes=3, frozen=frozen)
         before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         model.train()
@@ -146,7 +147,7 @@ def runs(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def outcomes(data_dir, train_folder, pretrained, runs, tmp_path_factory):
-    """{case: outcome} of main_lincls runs in one process, in order (see tests/test_lincls.py)."""
+    """{case: outcome} of main_lincls runs in this process, in order."""
     tmp = tmp_path_factory.mktemp('semi_scratch')
     known = train_folder.samples[0][0].split('/')[1]
     bad_list = write_lines(tmp / 'bad.txt', [known, 'n01440764_10026.JPEG'])
@@ -167,7 +168,7 @@ def outcomes(data_dir, train_folder, pretrained, runs, tmp_path_factory):
         'backbone lr of a probe': ['--backbone_lr=0.1', f'--output_dir={tmp / "c"}'],
         'knn on a subset': ['--eval=knn', '--train_percent=10', f'--output_dir={tmp / "d"}'],
     }
-    return run_main_lincls({case: common + args for case, args in cases.items()})
+    return run_outcomes(main_lincls, {case: common + args for case, args in cases.items()})
 
 
 def loaded_backbone(path):
@@ -208,7 +209,7 @@ def test_linear_run_on_a_listed_subset_leaves_the_backbone_frozen(outcomes, runs
     assert state['protocol'] == 'linear' and 'model' not in state and set(state['linear']) == {'weight', 'bias'}
     # The run checked after its first epoch that the backbone digest had not changed (it would have
     # stopped with a RuntimeError); the digest is that of the pretrained weights.
-    assert state['backbone_digest'] == LinearProbe(loaded_backbone(pretrained), 3).backbone_digest()
+    assert state['backbone_digest'] == LinearClassifier(loaded_backbone(pretrained), 3).backbone_digest()
 
 
 @pytest.mark.slow

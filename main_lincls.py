@@ -29,9 +29,8 @@ import eval_knn
 from data.folder import ImageFolder, check_same_classes
 from data.subsets import LabelledSubset, balanced_subset, load_subset, write_subset_list
 from data.transforms import eval_transform, linear_train_transform
-from models import ARCHS
 from models.linear import LinearClassifier
-from models.pretrained import FORMATS, evaluated_backbone
+from models.pretrained import evaluated_backbone
 from utils import atomic, checkpoint, dist, errors
 from utils.args import Args
 from utils.evaluation import accuracies, correct_per_image, finish
@@ -41,17 +40,10 @@ from utils.schedule import cosine_lr
 from utils.training import epoch_batches, make_loader
 
 FLAGS = flags.FlagValues()  # this script's own flags, read once in main() (utils/args.py)
-flags.DEFINE_string('data_dir', None, 'ImageFolder root holding train/ and val/ with the same classes.',
-                    flag_values=FLAGS)
+# The data, the backbone and the processes: eval_knn.py's flags, one definition for stage 3's programs.
+for _name in ('data_dir', 'arch', 'pretrained', 'pretrained_format', 'batch_size', 'workers', 'device'):
+    FLAGS[_name] = eval_knn.FLAGS[_name]
 flags.DEFINE_string('output_dir', None, 'Where checkpoints, metrics.jsonl and the result JSON go.', flag_values=FLAGS)
-flags.DEFINE_enum('arch', None, ARCHS, 'Backbone of --pretrained; default: the one the checkpoint records '
-                  '(a distillation or MoCo checkpoint), else resnet18.', flag_values=FLAGS)
-flags.DEFINE_string('pretrained', None, 'Checkpoint holding the backbone (distillation run, exported '
-                    "student_backbone.pth, or a teacher), or 'random': the untrained --arch, a baseline.",
-                    flag_values=FLAGS)
-flags.DEFINE_enum('pretrained_format', 'auto', FORMATS,
-                  "Layout of --pretrained: 'bingo' a distillation checkpoint, 'torchvision' the exported "
-                  'backbone, moco/swav a teacher.', flag_values=FLAGS)
 flags.DEFINE_enum('protocol', 'linear', ['linear', 'finetune'],
                   'linear: train a Linear classifier on the frozen backbone (SPEC stage 3; DisCo\'s '
                   'semi-supervised protocol); finetune: train the whole network, BatchNorm in train mode '
@@ -64,7 +56,6 @@ flags.DEFINE_float('train_percent', None,
                    'drawn with --seed; the list is written to <output_dir>/train_subset.txt for reuse.',
                    flag_values=FLAGS)
 flags.DEFINE_integer('epochs', None, 'Training epochs; default 120 (linear) or 20 (finetune).', flag_values=FLAGS)
-flags.DEFINE_integer('batch_size', 256, 'Global batch size, split evenly across processes.', flag_values=FLAGS)
 flags.DEFINE_float('lr', None, 'Learning rate of the classifier; default 30 (linear; 3.0 for '
                    'EfficientNet-B0) or 0.2 (finetune).', flag_values=FLAGS)
 flags.DEFINE_float('backbone_lr', None, 'Learning rate of the backbone (--protocol=finetune); default 0.01.',
@@ -75,7 +66,6 @@ flags.DEFINE_float('min_lr', None, 'Classifier learning rate the cosine ends at;
 flags.DEFINE_float('weight_decay', 0.0, 'SGD weight decay.', flag_values=FLAGS)
 flags.DEFINE_float('momentum', 0.9, 'SGD momentum.', flag_values=FLAGS)
 flags.DEFINE_integer('image_size', 224, 'Crop size; validation resizes to size*256/224 first.', flag_values=FLAGS)
-flags.DEFINE_integer('workers', 8, 'DataLoader workers per process.', flag_values=FLAGS)
 flags.DEFINE_integer('seed', 0, 'Seed; each epoch reseeds from (seed, epoch, rank).', flag_values=FLAGS)
 flags.DEFINE_integer('report_freq', 10, 'Print and log progress every this many steps.', flag_values=FLAGS)
 flags.DEFINE_string('resume', None,
@@ -83,7 +73,6 @@ flags.DEFINE_string('resume', None,
                     flag_values=FLAGS)
 flags.DEFINE_bool('evaluate', False,
                   'Only validate the saved probe of --resume (default output_dir/checkpoint.pth).', flag_values=FLAGS)
-flags.DEFINE_string('device', 'auto', "'auto' (CUDA when available), 'cuda' or 'cpu'.", flag_values=FLAGS)
 # Deprecated: --eval=knn runs eval_knn.py, with eval_knn.py's own flags for the vote.
 flags.DEFINE_enum('eval', 'linear', ['linear', 'knn'],
                   'Deprecated: knn runs eval_knn.py (use it directly); linear: this program.', flag_values=FLAGS)

@@ -2,7 +2,6 @@
 linear protocols of main_lincls.py, their bad inputs, the results table and scripts/semi."""
 import json
 import os
-import re
 import shutil
 import subprocess
 from collections import Counter
@@ -276,7 +275,7 @@ def test_collector_matches_spec_numbers_to_simclr_and_drawn_subsets():
 def test_semi_scripts_run_both_protocols_on_both_simclr_lists(tmp_path):
     env, recorded = fake_torchrun(tmp_path)
     env.update(DATA='/d', SUBSETS='/lists')
-    defined = set(re.findall(r"DEFINE_\w+\('(\w+)'", open(os.path.join(REPO, 'main_lincls.py')).read()))
+    defined = set(main_lincls.FLAGS)
     for row, run_dir in (('r18_moco200', 'runs/r18_moco200'), ('r18_r152', 'runs/r18_r152'),
                          ('r18_swav_w2', 'runs/r18_swav_w2')):
         done = subprocess.run(['bash', f'scripts/semi/{row}.sh', '--workers=4'], cwd=REPO, env=env,

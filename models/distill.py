@@ -153,8 +153,8 @@ class BingoDistiller(_Contrastive):
     n_views = 4  # anchor, anchor key, neighbour, neighbour key
 
     def __init__(self, student, teacher, queue_size=65536, temperature=0.2, bag_loss='released',
-                 lam=(0.5, 0.5), warmup_epochs=11, teacher_bn='train', precision='fp32', channels_last=False,
-                 cutmix_alpha=2.0, fast_views=False):
+                 teacher_bn='train', precision='fp32', channels_last=False, cutmix_alpha=2.0,
+                 fast_views=False, lam=(0.5, 0.5), warmup_epochs=11):
         super().__init__(student, teacher, queue_size, temperature, teacher_bn, precision, channels_last)
         self.bag_loss = bag_loss
         self.lam, self.warmup_epochs = tuple(lam), warmup_epochs

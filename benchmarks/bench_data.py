@@ -127,14 +127,14 @@ def random_neighbours(n, k=5, seed=0):
     return (np.arange(n)[:, None] + rng.integers(1, n, size=(n, k))) % n
 
 
-def build_step(device):
+def build_step(device, arch, teacher_arch, queue_size, fast):
     """main_distill's BINGO step (models.fast.TrainStep) with a randomly initialised teacher:
-    timings do not depend on weights."""
-    backbone = build_backbone(FLAGS.teacher_arch)
+    timings do not depend on weights. fast: as --fast, on CUDA."""
+    backbone = build_backbone(teacher_arch)
     teacher = Embedder(backbone, moco_head(backbone.feature_dim))
-    fast = FLAGS.fast and device.type == 'cuda'
+    fast = fast and device.type == 'cuda'
     torch.backends.cudnn.benchmark = fast
-    model = build_training_module('bingo', build_student(FLAGS.arch), teacher, queue_size=FLAGS.queue_size,
+    model = build_training_module('bingo', build_student(arch), teacher, queue_size=queue_size,
                                   precision='bf16' if fast else 'fp32', channels_last=fast,
                                   fast_views=fast).to(device)
     train_step = TrainStep(model, student_optimizer(model, 0.03), 'graph' if fast else 'ddp')
@@ -146,10 +146,10 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def timed(batches, step, device, warmup_steps):
-    """Samples/s over FLAGS.steps batches of views after warmup_steps; checks the last views."""
+def timed(batches, step, device, warmup_steps, steps, views_shape):
+    """Samples/s over `steps` batches of views after warmup_steps; checks the last views' shape."""
     it = iter(batches)
-    for n in range(warmup_steps + FLAGS.steps):
+    for n in range(warmup_steps + steps):
         if n == warmup_steps:
             sync(device)
             start = time.perf_counter()
@@ -158,16 +158,15 @@ def timed(batches, step, device, warmup_steps):
             step(views)
     sync(device)
     elapsed = time.perf_counter() - start
-    expected = (FLAGS.batch_size, 3, FLAGS.image_size, FLAGS.image_size)
-    if len(views) != 4 or any(v.shape != expected or not torch.isfinite(v).all() for v in views):
+    if len(views) != 4 or any(v.shape != views_shape or not torch.isfinite(v).all() for v in views):
         raise RuntimeError(f'bad views: {[tuple(v.shape) for v in views]}')
-    return FLAGS.steps * FLAGS.batch_size / elapsed
+    return steps * views_shape[0] / elapsed
 
 
-def gpu_parts(dataset, device, batches=5):
+def gpu_parts(dataset, device, batch_size, image_size, batches=5):
     """Milliseconds per batch of the GPU pipeline's decoding and views, each synchronised, over
     `batches` batches after one warm-up (compiling the colour ops); the batch's JPEG and view counts."""
-    loader, _ = make_loader(dataset, FLAGS.batch_size, 4, train=True)
+    loader, _ = make_loader(dataset, batch_size, 4, train=True)
     decode_ms, views_ms = [], []
     for n, batch in zip(range(batches + 1), loader):
         encoded = list(batch['data'].split(batch['lengths'].tolist()))
@@ -176,7 +175,7 @@ def gpu_parts(dataset, device, batches=5):
         images = decode_images(encoded, batch['path'], device, batch['jpeg'].tolist())
         sync(device)
         middle = time.perf_counter()
-        gpu_augment.moco_v2_views(images, FLAGS.image_size, views_per_image=2)
+        gpu_augment.moco_v2_views(images, image_size, views_per_image=2)
         sync(device)
         if n:
             decode_ms.append(1000 * (middle - start))
@@ -196,17 +195,18 @@ def main(argv):
     neighbours = random_neighbours(len(folder))
     print(f'{len(folder)} {FLAGS.encoding} JPEGs in {root}; batch {FLAGS.batch_size}, views '
           f'{FLAGS.image_size} px, device {device}, {os.cpu_count()} CPUs', flush=True)
-    step = build_step(device) if FLAGS.train else None
+    step = build_step(device, FLAGS.arch, FLAGS.teacher_arch, FLAGS.queue_size, FLAGS.fast) if FLAGS.train else None
+    views_shape = (FLAGS.batch_size, 3, FLAGS.image_size, FLAGS.image_size)
 
     results = []
     if FLAGS.train:
-        fixed = [torch.randn(FLAGS.batch_size, 3, FLAGS.image_size, FLAGS.image_size, device=device)
-                 for _ in range(4)]
-        rate = timed(iter(lambda: (0, fixed), None), step, device, FLAGS.warmup_steps)
+        fixed = [torch.randn(views_shape, device=device) for _ in range(4)]
+        rate = timed(iter(lambda: (0, fixed), None), step, device, FLAGS.warmup_steps, FLAGS.steps, views_shape)
         results.append({'pipeline': 'none', 'workers': 0, 'what': 'step only', 'samples_per_s': rate})
         print(f'training step alone: {rate:8.1f} samples/s', flush=True)
     if 'gpu' in FLAGS.pipelines and device.type == 'cuda':
-        decode_ms, views_ms, jpegs, views = gpu_parts(EncodedBagDataset(folder, neighbours), device)
+        decode_ms, views_ms, jpegs, views = gpu_parts(EncodedBagDataset(folder, neighbours), device,
+                                                      FLAGS.batch_size, FLAGS.image_size)
         results.append({'pipeline': 'gpu', 'what': 'parts', 'decode_ms': decode_ms, 'views_ms': views_ms,
                         'jpegs': jpegs, 'views': views})
         print(f'gpu pipeline parts, per batch: decode {decode_ms:.1f} ms ({jpegs} JPEGs), '
@@ -223,7 +223,8 @@ def main(argv):
                 batches = views_on_device(enumerate(loader), pipeline, device, FLAGS.image_size, 4)
                 # The loader holds 2 batches per worker ready: warm up past them, or the clock
                 # would time that queue instead of the pipeline.
-                rate = timed(batches, what_step, device, max(FLAGS.warmup_steps, 2 * workers + 1))
+                rate = timed(batches, what_step, device, max(FLAGS.warmup_steps, 2 * workers + 1), FLAGS.steps,
+                             views_shape)
                 results.append({'pipeline': pipeline, 'workers': workers, 'what': what, 'samples_per_s': rate})
                 print(f'{pipeline} pipeline, {workers:2d} workers, {what:11s}: {rate:8.1f} samples/s '
                       f'({rate / max(workers, 1):6.1f} per worker)', flush=True)

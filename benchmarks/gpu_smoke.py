@@ -13,7 +13,7 @@ through torchrun:
    mean loss of the steps with --data_pipeline=gpu differs from --data_pipeline=cpu's at the same
    seed by more than the seed-to-seed spread (max - min over the seeds, the larger of the two
    pipelines'): both pipelines draw the same distribution of views;
-3. main_lincls.py: a linear probe epoch and the kNN evaluation of a student.
+3. main_lincls.py and eval_knn.py: a linear probe epoch and the kNN evaluation of a student.
 Runs go --parallel at a time on the one GPU. Logs in --work/logs.
 """
 import argparse
@@ -178,12 +178,12 @@ def main():
 
     # Stage 3 on the released student.
     student = os.path.join(args.work, 'runs', 'released_cpu_0', 'checkpoint.pth')
-    for name, extra in (('linear', ['--eval=linear', '--epochs=1', '--lr=1.0']), ('knn', ['--eval=knn'])):
-        ok, seconds, tail = torchrun('main_lincls.py', [
+    for name, script, extra in (('linear', 'main_lincls.py', ['--epochs=1', '--lr=1.0']), ('knn', 'eval_knn.py', [])):
+        ok, seconds, tail = torchrun(script, [
             f'--data_dir={data}', f'--pretrained={student}', '--arch=resnet18', f'--device={args.device}',
             f'--workers={args.workers}', f'--image_size={args.image_size}', f'--batch_size={args.batch_size}',
             f'--output_dir={os.path.join(args.work, "eval", name)}'] + extra, os.path.join(logs, f'lincls_{name}.log'))
-        results.append(report(ok, f'main_lincls.py {name} ({seconds:.0f} s): {" | ".join(tail)}'))
+        results.append(report(ok, f'{script} ({seconds:.0f} s): {" | ".join(tail)}'))
     print(f'gpu_smoke: {"PASS" if all(results) else "FAIL"} ({sum(results)}/{len(results)} checks)', flush=True)
     return 0 if all(results) else 1
 

@@ -1,20 +1,26 @@
-"""Training samples of stage 2: a bag (anchor + one neighbour), or two views for MoCo."""
+"""Training samples of stage 2: a bag (anchor + one neighbour), or two views for MoCo and the peers."""
 import torch
 import torch.utils.data
 
 
-class BagDataset(torch.utils.data.Dataset):
-    """Sample i -> (q, k, pq, pk, i, j): two views of anchor i, two of a neighbour j.
+def check_rows(neighbours, folder):
+    if len(neighbours) != len(folder):
+        raise ValueError(f'{len(neighbours)} neighbour rows for the {len(folder)} images of {folder.root}')
 
-    j is drawn uniformly from neighbours[i] afresh on every call, with torch's RNG so
-    that the sample's seed governs it (utils.training.SeededSamples); over the epochs
-    the student sees every member of the bag.
-    """
+
+def draw_neighbour(neighbours, i):
+    """A neighbour of image i drawn uniformly from row i, afresh on every call, with torch's RNG so
+    that the sample's seed governs it (utils.training.SeededSamples): over the epochs the student
+    sees every member of the bag."""
+    row = neighbours[i]
+    return int(row[torch.randint(len(row), ()).item()])
+
+
+class BagDataset(torch.utils.data.Dataset):
+    """Sample i -> (q, k, pq, pk): two views of anchor i, two of a neighbour j (draw_neighbour)."""
 
     def __init__(self, folder, neighbours, augmentation):
-        if len(neighbours) != len(folder):
-            raise ValueError(f'{len(neighbours)} neighbour rows for the {len(folder)} images '
-                             f'of {folder.root}')
+        check_rows(neighbours, folder)
         self.folder = folder
         self.neighbours = neighbours  # (N, k) dataset indices
         self.augmentation = augmentation
@@ -23,15 +29,14 @@ class BagDataset(torch.utils.data.Dataset):
         return len(self.folder)
 
     def __getitem__(self, i):
-        row = self.neighbours[i]
-        j = int(row[torch.randint(len(row), ()).item()])
+        j = draw_neighbour(self.neighbours, i)
         anchor, neighbour = self.folder.load(i), self.folder.load(j)
         aug = self.augmentation
-        return aug(anchor), aug(anchor), aug(neighbour), aug(neighbour), i, j
+        return aug(anchor), aug(anchor), aug(neighbour), aug(neighbour)
 
 
 class TwoViewDataset(torch.utils.data.Dataset):
-    """Sample i -> (q, k, i): two independent views of image i (plain MoCo v2)."""
+    """Sample i -> (q, k): two independent views of image i (plain MoCo v2)."""
 
     def __init__(self, folder, augmentation):
         self.folder = folder
@@ -42,4 +47,4 @@ class TwoViewDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         img = self.folder.load(i)
-        return self.augmentation(img), self.augmentation(img), i
+        return self.augmentation(img), self.augmentation(img)

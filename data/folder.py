@@ -100,11 +100,16 @@ class ImageFolder(torch.utils.data.Dataset):
         return img, self.targets[i]
 
     def fingerprint(self):
-        """sha256 (hex) of the ordered relative paths, '\\n'-joined: equal iff the index order is."""
+        """fingerprint() of the folder's images in index order."""
         if self._fingerprint is None:
-            paths = '\n'.join(rel for rel, _ in self.samples)
-            self._fingerprint = hashlib.sha256(paths.encode('utf-8')).hexdigest()
+            self._fingerprint = fingerprint(rel for rel, _ in self.samples)
         return self._fingerprint
+
+
+def fingerprint(relative_paths):
+    """sha256 (hex) of the ordered relative paths, '\\n'-joined: equal iff the images and their order
+    are; the dataset's identity in a neighbour file's sidecar and a probe checkpoint."""
+    return hashlib.sha256('\n'.join(relative_paths).encode('utf-8')).hexdigest()
 
 
 def check_same_classes(train, val):

@@ -9,6 +9,9 @@ decoded with PIL on the CPU, exactly as ImageFolder.load decodes them, and joine
 Workers return each file as a uint8 tensor with a flag saying whether nvJPEG decodes it, and
 `collate_encoded` joins a batch into one flat tensor (shared memory, pinned by the DataLoader)
 with the files' lengths, so the main process neither unpickles bytes nor parses JPEG headers.
+
+Both pipelines meet here: `training_dataset` is stage 2's dataset for either, and
+`views_on_device` hands the training step its views from either.
 """
 import io
 
@@ -18,6 +21,7 @@ import torch.utils.data
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from data.bags import BagDataset, TwoViewDataset, check_rows, draw_neighbour
 from data.folder import DataError
 from data.gpu_augment import CROP_SCALE, centre_crops, moco_v2_views
 
@@ -58,16 +62,14 @@ class EncodedBagDataset(torch.utils.data.Dataset):
     """Sample i -> {'encoded': (anchor, neighbour) uint8 tensors of the files, 'jpeg': (..),
     'path': (..), 'index': (i, j)}; batch with `collate` (collate_encoded).
 
-    j is drawn uniformly from neighbours[i] afresh on every call with torch's RNG, as
-    data.bags.BagDataset draws it; `gpu_views` turns a batch into (q, k, pq, pk).
+    j is drawn as data.bags.BagDataset draws it (draw_neighbour); `gpu_views` turns a batch into
+    (q, k, pq, pk).
     """
 
     collate = staticmethod(collate_encoded)
 
     def __init__(self, folder, neighbours):
-        if len(neighbours) != len(folder):
-            raise ValueError(f'{len(neighbours)} neighbour rows for the {len(folder)} images '
-                             f'of {folder.root}')
+        check_rows(neighbours, folder)
         self.folder = folder
         self.neighbours = neighbours  # (N, k) dataset indices
 
@@ -75,8 +77,7 @@ class EncodedBagDataset(torch.utils.data.Dataset):
         return len(self.folder)
 
     def __getitem__(self, i):
-        row = self.neighbours[i]
-        j = int(row[torch.randint(len(row), ()).item()])
+        j = draw_neighbour(self.neighbours, i)
         return _sample((self.folder.path(i), self.folder.path(j)), (i, j))
 
 
@@ -94,6 +95,17 @@ class EncodedTwoViewDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return _sample((self.folder.path(i),), (i,))
+
+
+def training_dataset(folder, neighbours, pipeline, augmentation):
+    """Stage 2's dataset of `folder`: bags when `neighbours` (N, k) is given (BINGO), else two views of
+    each image. pipeline 'cpu': the views, augmented by `augmentation` in the loader's workers;
+    'gpu': the files' bytes, which views_on_device decodes and augments on the device."""
+    if pipeline == 'gpu':
+        return EncodedTwoViewDataset(folder) if neighbours is None else EncodedBagDataset(folder, neighbours)
+    if neighbours is None:
+        return TwoViewDataset(folder, augmentation)
+    return BagDataset(folder, neighbours, augmentation)
 
 
 def is_colour_jpeg(data: bytes) -> bool:

@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from utils.checkpoint import write_atomic, write_json_atomic
+from utils.atomic import write_atomic, write_json_atomic
 from utils.errors import UserError
 
 
@@ -41,7 +41,8 @@ def save_neighbours(path, neighbours, meta):
     write_json_atomic(sidecar, sidecar_path(path))
 
 
-def _read_sidecar(path):
+def read_sidecar(path):
+    """The sidecar of neighbour file `path` as a dict (how the file was made), or None if it has none."""
     sidecar = sidecar_path(path)
     try:
         with open(sidecar) as f:
@@ -94,7 +95,7 @@ def load_neighbours(path, dataset_size, fingerprint, fmt='sidecar', k=None, repo
         raise NeighbourFileError(f'neighbours file {path}: row {row} holds {neighbours[row].tolist()}, '
                                  f'outside the dataset\'s indices 0..{n - 1} ({bad_rows.size} such rows)')
 
-    sidecar = _read_sidecar(path)
+    sidecar = read_sidecar(path)
     _check_self(path, neighbours, fmt == 'released' or (sidecar or {}).get('self_removal') == 'first_column',
                 report)
     if sidecar is None:

@@ -6,15 +6,14 @@ matched against the file name of every image), or by its path below the split fo
 (`n01440764/n01440764_10026.JPEG`), as `write_subset_list` does so that any drawn subset can be
 named again without ambiguity.
 """
-import hashlib
 import os
 import random
 from collections import Counter
 
 import torch.utils.data
 
-from data.folder import DataError
-from utils.checkpoint import write_atomic
+from data.folder import DataError, fingerprint
+from utils.atomic import write_atomic
 
 _SHOWN = 5  # names quoted in an error message
 
@@ -51,8 +50,8 @@ class LabelledSubset(torch.utils.data.Dataset):
         return self.folder[self.indices[i]]
 
     def fingerprint(self):
-        """sha256 (hex) of the selected relative paths, as ImageFolder.fingerprint() computes it."""
-        return hashlib.sha256('\n'.join(rel for rel, _ in self.samples).encode('utf-8')).hexdigest()
+        """data.folder.fingerprint of the selected images."""
+        return fingerprint(rel for rel, _ in self.samples)
 
 
 def read_subset_list(path):

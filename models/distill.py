@@ -4,6 +4,9 @@ the peers' SEED and DisCo (docs/peers.md).
 Each module owns the student, its teacher and the queue of teacher keys; `forward` is one training
 step up to the loss (the queue is updated inside, after the loss has used it, as in MoCo). The
 whole module is what DDP wraps: the student's three passes then share one gradient reduction.
+Each also owns what the training loop needs of it: how many views a step takes (`n_views`), the
+step's inputs that follow the epoch (`epoch_inputs`: BINGO's lam), its random draws (`draw`) and
+what a checkpoint keeps (`training_state`).
 """
 import copy
 
@@ -48,6 +51,11 @@ def momentum_update(key_encoder: nn.Module, encoder: nn.Module, momentum: float)
 
 
 class _Contrastive(nn.Module):
+    n_views = 2  # the views of each sample forward() takes, in the order the datasets give them
+    # What a checkpoint keeps of the module (training_state): the frozen teacher is the teacher
+    # file's, so only what training changes.
+    trained_parts = ('student', 'queue')
+
     def __init__(self, student, teacher, queue_size, temperature, teacher_bn, precision, channels_last):
         super().__init__()
         self.student, self.teacher = student, freeze(teacher)
@@ -69,6 +77,28 @@ class _Contrastive(nn.Module):
         if self.teacher_bn == 'eval':  # running statistics, never batch statistics
             self.teacher.eval()
         return self
+
+    def training_state(self) -> dict:
+        """{part: state dict} of what training changes, for a checkpoint (utils.checkpoint.RunCheckpoint)."""
+        return {part: getattr(self, part).state_dict() for part in self.trained_parts}
+
+    def load_training_state(self, state: dict):
+        """Restore what training_state() returned."""
+        for part in self.trained_parts:
+            getattr(self, part).load_state_dict(state[part])
+
+    def epoch_inputs(self, epoch: int) -> dict:
+        """Keyword inputs of every step of `epoch` besides the views (TrainStep passes them on)."""
+        del epoch
+        return {}
+
+    def compile_networks(self, backend: str):
+        """torch.compile the forward of every network, static shapes; state-dict names are unchanged."""
+        for network in self.networks():
+            network.compile(backend=backend, dynamic=False)
+
+    def networks(self):
+        return [self.student, self.teacher]
 
     def seed_draws(self, seed: int):
         """Reseed the node-wide draws (call with the same seed on every rank, e.g. per epoch)."""
@@ -114,21 +144,30 @@ class _Contrastive(nn.Module):
 class BingoDistiller(_Contrastive):
     """BINGO: every view of a bag is pulled to the frozen teacher's keys of the bag (SPEC steps 1-6).
 
+    lam: (l_self, l_cross) after the first `warmup_epochs` epochs, which train with (1, 0) (SPEC step 5).
     fast_views: the student's views go through one pass and the teacher's keys through another,
     with BatchNorm statistics per view (models/fast.py): the same loss as the released separate
     passes, with fewer and larger kernels.
     """
 
+    n_views = 4  # anchor, anchor key, neighbour, neighbour key
+
     def __init__(self, student, teacher, queue_size=65536, temperature=0.2, bag_loss='released',
                  teacher_bn='train', precision='fp32', channels_last=False, cutmix_alpha=2.0,
-                 fast_views=False):
+                 fast_views=False, lam=(0.5, 0.5), warmup_epochs=11):
         super().__init__(student, teacher, queue_size, temperature, teacher_bn, precision, channels_last)
         self.bag_loss = bag_loss
+        self.lam, self.warmup_epochs = tuple(lam), warmup_epochs
         self.cutmix_alpha = cutmix_alpha
         self.fast_views = fast_views
         if fast_views:
             per_view_batch_norm(self.student)
             per_view_batch_norm(self.teacher)
+
+    def epoch_inputs(self, epoch):
+        """lam: (1, 0) while epoch < warmup_epochs (released: while epoch <= 10), then `lam`; a step
+        input, not a constant of the step, so that a captured CUDA graph takes the new value."""
+        return {'lam': (1.0, 0.0) if epoch < self.warmup_epochs else self.lam}
 
     def draw(self, batch_size, image_size):
         """The step's random draws, on the CPU, in the released order: the teacher's shuffle of the
@@ -193,6 +232,8 @@ class BingoDistiller(_Contrastive):
 class MoCo(_Contrastive):
     """MoCo v2 from scratch: the teacher is a momentum copy of the student, one positive, no bags."""
 
+    trained_parts = ('student', 'queue', 'teacher')  # the teacher follows the student by momentum
+
     def __init__(self, student, queue_size=65536, temperature=0.2, momentum=0.999,
                  precision='fp32', channels_last=False):
         super().__init__(student, copy.deepcopy(student), queue_size, temperature, 'train',
@@ -222,6 +263,8 @@ class SEED(_Contrastive):
     """SEED (Fang et al., ICLR 2021): one view of each image; the student's similarity distribution
     over [the teacher's embedding, the queue] learns the frozen teacher's (docs/peers.md). The
     queue holds teacher embeddings. `temperature` is the student's."""
+
+    n_views = 1
 
     def __init__(self, student, teacher, queue_size=65536, temperature=0.2, teacher_temperature=1e-4,
                  teacher_bn='eval', precision='fp32', channels_last=False):
@@ -253,12 +296,17 @@ class DisCo(_Contrastive):
     queue of momentum keys) plus the consistency of the student's embedding of each view with the
     frozen teacher's embedding of that view (docs/peers.md)."""
 
+    trained_parts = ('student', 'queue', 'key_encoder')
+
     def __init__(self, student, teacher, queue_size=65536, temperature=0.2, momentum=0.999, weight=32.0,
                  teacher_bn='local', precision='fp32', channels_last=False):
         super().__init__(student, teacher, queue_size, temperature, teacher_bn, precision, channels_last)
         self.key_encoder = freeze(copy.deepcopy(student))
         self.momentum = momentum
         self.weight = weight
+
+    def networks(self):
+        return [self.student, self.teacher, self.key_encoder]
 
     def draw(self, batch_size, image_size):
         """The step's random draws: the key encoder's shuffle BN (always, as MoCo), and the teacher's
@@ -292,35 +340,34 @@ class DisCo(_Contrastive):
 
 
 def build_training_module(method, student, teacher=None, *, queue_size=65536, temperature=0.2,
-                          bag_loss='released', teacher_bn='train', precision='fp32',
-                          channels_last=False, fast_views=False, compile_backend=None,
-                          moco_momentum=0.999, seed_teacher_temperature=1e-4, disco_weight=32.0):
+                          bag_loss='released', lam=(0.5, 0.5), warmup_epochs=11, teacher_bn='train',
+                          moco_momentum=0.999, seed_teacher_temperature=1e-4, disco_weight=32.0,
+                          precision='fp32', channels_last=False, fast_views=False, compile_backend=None):
     """main_distill's training module, BINGO, MoCo v2, SEED or DisCo (`method`), with its speed
-    options; the step benchmark builds it here too, so it times the trainer's own code.
+    options; each method takes the arguments its class names. The step benchmark builds it here
+    too, so it times the trainer's own code.
 
-    compile_backend: torch.compile backend of the student's and teacher's forward ('inductor' for
-    --compile), static shapes; None runs them eagerly. State-dict names are unchanged.
+    compile_backend: torch.compile backend of the networks' forward ('inductor' for --compile),
+    static shapes; None runs them eagerly.
     """
-    options = dict(queue_size=queue_size, temperature=temperature, precision=precision,
-                   channels_last=channels_last)
     if fast_views and method != 'bingo':
         raise ValueError(f'fast_views applies to method=bingo, not {method}')
     if method == 'moco':
-        model = MoCo(student, momentum=moco_momentum, **options)
+        model = MoCo(student, queue_size=queue_size, temperature=temperature, momentum=moco_momentum,
+                     precision=precision, channels_last=channels_last)
     elif method == 'seed':
-        model = SEED(student, teacher, teacher_temperature=seed_teacher_temperature, teacher_bn=teacher_bn,
-                     **options)
+        model = SEED(student, teacher, queue_size=queue_size, temperature=temperature,
+                     teacher_temperature=seed_teacher_temperature, teacher_bn=teacher_bn, precision=precision,
+                     channels_last=channels_last)
     elif method == 'disco':
-        model = DisCo(student, teacher, momentum=moco_momentum, weight=disco_weight, teacher_bn=teacher_bn,
-                      **options)
+        model = DisCo(student, teacher, queue_size=queue_size, temperature=temperature, momentum=moco_momentum,
+                      weight=disco_weight, teacher_bn=teacher_bn, precision=precision, channels_last=channels_last)
     else:
-        model = BingoDistiller(student, teacher, bag_loss=bag_loss, teacher_bn=teacher_bn,
-                               fast_views=fast_views, **options)
+        model = BingoDistiller(student, teacher, queue_size=queue_size, temperature=temperature, bag_loss=bag_loss,
+                               lam=lam, warmup_epochs=warmup_epochs, teacher_bn=teacher_bn, precision=precision,
+                               channels_last=channels_last, fast_views=fast_views)
     if compile_backend:
-        model.student.compile(backend=compile_backend, dynamic=False)
-        model.teacher.compile(backend=compile_backend, dynamic=False)
-        if isinstance(model, DisCo):
-            model.key_encoder.compile(backend=compile_backend, dynamic=False)
+        model.compile_networks(compile_backend)
     return model
 
 

@@ -1,31 +1,38 @@
-"""The linear probe of SPEC stage 3: a frozen backbone and one trainable Linear layer."""
+"""The classifier of stage 3: a backbone and one Linear layer, the backbone frozen (SPEC's linear
+probe) or trained with it (fine-tuning on few labels)."""
 import hashlib
 
 import torch
 import torch.nn as nn
 
 
-class LinearProbe(nn.Module):
-    """Frozen backbone -> pooled features (B, d) -> Linear(d, classes).
+class LinearClassifier(nn.Module):
+    """Backbone -> pooled features (B, d) -> Linear(d, classes), weight N(0, 0.01), bias 0.
 
-    The backbone's parameters have requires_grad=False, its forward runs without autograd, and
-    it stays in eval mode whatever `.train()` is called with, so BatchNorm normalises with, and
-    never updates, its running statistics. Only `.linear` has anything to learn.
+    frozen (the linear probe): the backbone's parameters have requires_grad=False, its forward runs
+    without autograd, and it stays in eval mode whatever `.train()` is called with, so BatchNorm
+    normalises with, and never updates, its running statistics. Only `.linear` has anything to learn.
+    Not frozen (fine-tuning): backbone and classifier train together, the backbone's BatchNorm in
+    train mode (batch statistics, running statistics updated), as fine-tuning on few labels is done.
     """
 
-    def __init__(self, backbone, num_classes):
+    def __init__(self, backbone, num_classes, frozen=True):
         super().__init__()
-        self.backbone = backbone.requires_grad_(False).eval()
+        self.frozen = frozen
+        self.backbone = backbone.requires_grad_(not frozen).eval()
         self.linear = nn.Linear(backbone.feature_dim, num_classes)
         nn.init.normal_(self.linear.weight, mean=0.0, std=0.01)
         nn.init.zeros_(self.linear.bias)
 
     def train(self, mode=True):
         super().train(mode)
-        self.backbone.eval()
+        if self.frozen:
+            self.backbone.eval()
         return self
 
     def features(self, images):  # (B, 3, H, W) -> (B, d)
+        if not self.frozen:
+            return self.backbone(images)
         with torch.no_grad():
             return self.backbone(images)
 
@@ -41,19 +48,3 @@ class LinearProbe(nn.Module):
         return {name: hashlib.sha256(tensor.detach().cpu().contiguous().reshape(-1)
                                      .view(torch.uint8).numpy()).hexdigest()
                 for name, tensor in self.backbone.state_dict().items()}
-
-
-class FineTuned(LinearProbe):
-    """Backbone -> Linear(d, classes) trained together: the probe's classifier and initialisation,
-    with the backbone's gradients on and its BatchNorm in train mode (batch statistics, running
-    statistics updated), as fine-tuning on few labels is done."""
-
-    def __init__(self, backbone, num_classes):
-        super().__init__(backbone, num_classes)
-        self.backbone.requires_grad_(True)
-
-    def train(self, mode=True):
-        return nn.Module.train(self, mode)  # LinearProbe.train would pin the backbone to eval
-
-    def features(self, images):  # (B, 3, H, W) -> (B, d), with autograd
-        return self.backbone(images)

@@ -4,7 +4,7 @@
 #   2. bags      knn_extract.py builds its k=5 neighbour bags (prints bag precision)
 #   3. student   main_distill.py distils a student from the teacher with BINGO
 #   4. baseline  the same student trained by MoCo v2 alone for the same epochs
-#   5. eval      main_lincls.py linear probe and kNN top-1 of teacher, both students, random init
+#   5. eval      main_lincls.py linear probe and eval_knn.py kNN top-1 of teacher, both students, random init
 #   6. report    $RUN/results.md and $RUN/bags.png
 # The same scripts and flags as the ImageNet runs, scaled to 2 CPU cores: 32 px crops, a class-
 # balanced subset, short schedules, a queue sized to the data. Scale up with environment variables,
@@ -55,7 +55,7 @@ $PY main_distill.py --method=moco --arch="$STUDENT_ARCH" --data_dir="$DATA" --ou
 
 echo "== 5/5 evaluation: linear probe ($PROBE_EPOCHS epochs) and kNN (k=20)"
 evaluate() {  # name arch pretrained
-  $PY main_lincls.py --eval=knn --arch="$2" --pretrained="$3" --data_dir="$DATA" \
+  $PY eval_knn.py --arch="$2" --pretrained="$3" --data_dir="$DATA" \
     --output_dir="$RUN/eval/$1/knn" --batch_size=256 --report_freq=1000 --seed="$SEED" "${COMMON[@]}"
   $PY main_lincls.py --arch="$2" --pretrained="$3" --data_dir="$DATA" --output_dir="$RUN/eval/$1/linear" \
     --epochs="$PROBE_EPOCHS" --batch_size=256 --report_freq=1000 --seed="$SEED" "${COMMON[@]}"

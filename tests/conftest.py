@@ -1,22 +1,19 @@
-"""Shared fixtures: tiny ImageFolder trees of real pixels for every stage's tests."""
+"""Shared fixtures: tiny ImageFolder trees of real pixels for every stage's tests, and stage 2's inputs."""
 import os
-import random
 
+import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from data import fashion_mnist
+from data.folder import ImageFolder
+from data.neighbours import save_neighbours
+from models import build_student
+from tests.helpers import TINY_CLASSES, TINY_IMAGE_SIZE, TINY_TRAIN_PER_CLASS, TINY_VAL_PER_CLASS, render_shapes_tree
 
 # The test machine's cores are shared; one thread each keeps runs polite and steady.
 torch.set_num_threads(1)
-
-TINY_CLASSES = ('trouser', 'sneaker', 'bag')  # Fashion-MNIST classes that look least alike
-TINY_TRAIN_PER_CLASS = 8
-TINY_VAL_PER_CLASS = 4
-TINY_IMAGE_SIZE = 32
-SHAPES = ('circle', 'square', 'triangle')
-
 
 def _fashion_mnist_tree(root, scratch):
     """Fashion-MNIST's first images of TINY_CLASSES, padded from 28x28 grey to 32x32 RGB."""
@@ -33,31 +30,6 @@ def _fashion_mnist_tree(root, scratch):
                     offset = (TINY_IMAGE_SIZE - img.width) // 2
                     padded.paste(img.convert('RGB'), (offset, offset))
                 padded.save(os.path.join(dst, name))
-
-
-def render_shapes_tree(root, seed=0):
-    """One class per shape: a filled circle, square or triangle of random colour, size and
-    position on a dark background, TINY_*_PER_CLASS images per class and split."""
-    rng = random.Random(seed)
-    size = TINY_IMAGE_SIZE
-    for split, per_class in (('train', TINY_TRAIN_PER_CLASS), ('val', TINY_VAL_PER_CLASS)):
-        for shape in SHAPES:
-            folder = os.path.join(root, split, shape)
-            os.makedirs(folder)
-            for i in range(per_class):
-                background = tuple(rng.randrange(0, 64) for _ in range(3))
-                img = Image.new('RGB', (size, size), background)
-                draw = ImageDraw.Draw(img)
-                colour = tuple(rng.randrange(96, 256) for _ in range(3))
-                side = rng.randrange(size // 3, size * 3 // 4)
-                x, y = rng.randrange(0, size - side), rng.randrange(0, size - side)
-                if shape == 'circle':
-                    draw.ellipse((x, y, x + side, y + side), fill=colour)
-                elif shape == 'square':
-                    draw.rectangle((x, y, x + side, y + side), fill=colour)
-                else:
-                    draw.polygon([(x + side / 2, y), (x, y + side), (x + side, y + side)], fill=colour)
-                img.save(os.path.join(folder, f'{i:02d}.png'))
 
 
 @pytest.fixture(scope='session')
@@ -80,3 +52,18 @@ def tiny_folder(tmp_path_factory):
     else:
         render_shapes_tree(root)
     return root
+
+
+@pytest.fixture(scope='module')
+def bingo_inputs(tiny_folder, tmp_path_factory):
+    """A resnet18 teacher in this project's checkpoint layout and a valid neighbour file."""
+    root = tmp_path_factory.mktemp('bingo_inputs')
+    torch.manual_seed(0)
+    teacher = str(root / 'teacher.pth')
+    torch.save({'student': build_student('resnet18').state_dict(), 'arch': 'resnet18'}, teacher)
+    folder = ImageFolder(os.path.join(tiny_folder, 'train'))
+    n = len(folder)
+    neighbours = np.stack([(np.arange(n) + s) % n for s in (1, 2, 3)], axis=1)
+    bags = str(root / 'bags.npy')
+    save_neighbours(bags, neighbours, {'dataset_fingerprint': folder.fingerprint()})
+    return teacher, bags

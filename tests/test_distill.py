@@ -14,8 +14,8 @@ from data.neighbours import save_neighbours
 from models import build_student
 from models.distill import BingoDistiller, MoCo
 from models.loss import bingo_paper_loss
-from tests.test_knn_extract import run_script
-from utils import checkpoint, preemption, rundir
+from tests.helpers import distill
+from utils import atomic, checkpoint, preemption, rundir
 
 
 def test_step_pushes_teacher_anchor_keys_and_leaves_the_teacher_frozen():
@@ -64,28 +64,6 @@ def test_moco_teacher_follows_the_student_by_momentum():
 # --- main_distill.py end to end -------------------------------------------------------------
 
 @pytest.fixture(scope='module')
-def bingo_inputs(tiny_folder, tmp_path_factory):
-    """A resnet18 teacher in this project's checkpoint layout and a valid neighbour file."""
-    root = tmp_path_factory.mktemp('bingo_inputs')
-    torch.manual_seed(0)
-    teacher = str(root / 'teacher.pth')
-    torch.save({'student': build_student('resnet18').state_dict(), 'arch': 'resnet18'}, teacher)
-    folder = ImageFolder(os.path.join(tiny_folder, 'train'))
-    n = len(folder)
-    neighbours = np.stack([(np.arange(n) + s) % n for s in (1, 2, 3)], axis=1)
-    bags = str(root / 'bags.npy')
-    save_neighbours(bags, neighbours, {'dataset_fingerprint': folder.fingerprint()})
-    return teacher, bags
-
-
-def distill(data_dir, output_dir, nproc=1, env=None, **flags):
-    options = dict(data_dir=data_dir, output_dir=output_dir, arch='resnet18', teacher_arch='resnet18',
-                   image_size=32, batch_size=8, queue_size=16, epochs=1, workers=0, device='cpu',
-                   report_freq=1, warmup_epochs=1)
-    return run_script('main_distill.py', nproc, env, **{**options, **flags})
-
-
-@pytest.fixture(scope='module')
 def two_process_run(tiny_folder, bingo_inputs, tmp_path_factory):
     teacher, bags = bingo_inputs
     out = str(tmp_path_factory.mktemp('distill') / 'run')
@@ -94,6 +72,7 @@ def two_process_run(tiny_folder, bingo_inputs, tmp_path_factory):
     return out, result
 
 
+@pytest.mark.slow
 def test_two_processes_train_gather_the_queue_and_export(two_process_run):
     out, result = two_process_run
     state = checkpoint.load(os.path.join(out, 'checkpoint.pth'))
@@ -115,8 +94,7 @@ def test_two_processes_train_gather_the_queue_and_export(two_process_run):
 
 def test_every_flag_either_defines_the_run_or_only_how_it_runs():
     import main_distill
-    from absl import flags
-    names = {flag.name for flag in flags.FLAGS.get_flags_for_module(main_distill)}
+    names = set(main_distill.FLAGS)
     assert set(main_distill.RUN_FLAGS) | set(main_distill.HOW_FLAGS) == names
     assert not set(main_distill.RUN_FLAGS) & set(main_distill.HOW_FLAGS)
 
@@ -126,6 +104,7 @@ def _same_training_state(a, b):
         torch.equal(value, b['student'][key]) for key, value in a['student'].items())
 
 
+@pytest.mark.slow
 def test_a_run_stopped_mid_epoch_resumes_to_the_uninterrupted_result(tiny_folder, bingo_inputs, two_process_run,
                                                                        tmp_path):
     teacher, bags = bingo_inputs
@@ -154,6 +133,7 @@ def test_a_run_stopped_mid_epoch_resumes_to_the_uninterrupted_result(tiny_folder
     assert {name: open(os.path.join(out, name), 'rb').read() for name in os.listdir(out)} == before
 
 
+@pytest.mark.slow
 def test_resuming_with_flags_that_change_the_run_is_refused(tiny_folder, bingo_inputs, two_process_run, tmp_path):
     teacher, bags = bingo_inputs
     out = str(tmp_path / 'changed')
@@ -165,6 +145,7 @@ def test_resuming_with_flags_that_change_the_run_is_refused(tiny_folder, bingo_i
     assert '--workers' not in result.stderr  # how a run runs may change
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_folder, bingo_inputs, two_process_run, tmp_path):
     teacher, bags = bingo_inputs
     out = str(tmp_path / 'nan')
@@ -172,7 +153,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_folder, bingo_
     good = checkpoint.load(os.path.join(out, 'checkpoint.pth'))
     # The first epoch of a run whose later epochs diverge.
     good['flags'].update(lr=1e30, epochs=3)
-    checkpoint.save_atomic(good, os.path.join(out, 'checkpoint.pth'))
+    atomic.save_atomic(good, os.path.join(out, 'checkpoint.pth'))
     result = distill(tiny_folder, out, teacher=teacher, neighbours=bags, epochs=3, lr=1e30)
     assert result.returncode != 0 and 'loss is nan' in result.stderr
     kept = checkpoint.load(os.path.join(out, 'checkpoint.pth'))
@@ -180,6 +161,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_folder, bingo_
     assert torch.equal(kept['student']['backbone.conv1.weight'], good['student']['backbone.conv1.weight'])
 
 
+@pytest.mark.slow
 def test_moco_method_trains_from_scratch_with_the_device_data_pipeline(tiny_folder, tmp_path):
     # --data_pipeline=gpu on the CPU: workers read bytes, views are drawn batched on the device.
     out = str(tmp_path / 'moco')
@@ -190,6 +172,7 @@ def test_moco_method_trains_from_scratch_with_the_device_data_pipeline(tiny_fold
     assert state['queue']['ptr'].item() == (3 * 8) % 16
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('flags, message', [
     (dict(queue_size=12), '--queue_size=12 must be a multiple'),
     (dict(neighbours=None), '--method=bingo needs --teacher and --neighbours'),
@@ -202,6 +185,7 @@ def test_bad_flags_are_refused(tiny_folder, bingo_inputs, tmp_path, flags, messa
     assert result.returncode != 0 and message in result.stderr and 'Traceback' not in result.stderr
 
 
+@pytest.mark.slow
 def test_neighbour_file_of_another_dataset_is_refused(tiny_folder, bingo_inputs, tmp_path):
     teacher, _ = bingo_inputs
     n = len(ImageFolder(os.path.join(tiny_folder, 'train')))
@@ -211,6 +195,7 @@ def test_neighbour_file_of_another_dataset_is_refused(tiny_folder, bingo_inputs,
     assert result.returncode != 0 and 'other.npy' in result.stderr and 'f' * 12 in result.stderr
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_locked_output_dir_is_refused(tiny_folder, bingo_inputs, tmp_path):
     teacher, bags = bingo_inputs
     out = tmp_path / 'busy'

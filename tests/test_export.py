@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models import build_backbone, build_student
-from models.checkpoints import CheckpointError
+from models.pretrained import CheckpointError
 from tools import convert_to_detectron2 as convert
 
 # detectron2's ResNet: blocks per stage res2..res5, and whether blocks are bottlenecks (3 convs).

@@ -13,8 +13,9 @@ import torch
 from absl import app
 
 from data.folder import DataError
-from utils import checkpoint, errors, preemption, rundir
-from utils.checkpoint import CheckpointError, SaveError
+from utils import atomic, checkpoint, errors, preemption, rundir
+from utils.atomic import SaveError
+from utils.checkpoint import CheckpointError
 from utils.training import epoch_batches, make_loader, rng_state
 
 
@@ -70,7 +71,7 @@ def test_a_failed_write_names_the_file_and_the_os_cause_and_leaves_no_temporary(
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
     try:
         with pytest.raises(SaveError, match=f'^file too large writing {path}$'):
-            checkpoint.save_atomic({'w': torch.zeros(10_000)}, path)
+            atomic.save_atomic({'w': torch.zeros(10_000)}, path)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, previous)
@@ -82,7 +83,7 @@ def test_an_interrupted_write_leaves_no_temporary(tmp_path):
         f.write(b'partial')
         raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.write_atomic(str(tmp_path / 'x.pth'), interrupted)
+        atomic.write_atomic(str(tmp_path / 'x.pth'), interrupted)
     assert os.listdir(tmp_path) == []
 
 
@@ -90,10 +91,10 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path):
     (tmp_path / 'a_folder').mkdir()
     (tmp_path / 'a_file').write_text('')
     with pytest.raises(SaveError, match='--output=.*a_folder is a folder'):
-        checkpoint.check_writable(str(tmp_path / 'a_folder'), '--output')
+        atomic.check_writable(str(tmp_path / 'a_folder'), '--output')
     with pytest.raises(SaveError, match='a_file is a file, not a folder'):
-        checkpoint.check_writable(str(tmp_path / 'a_file' / 'sub' / 'bags.npy'), '--output')
-    checkpoint.check_writable(str(tmp_path / 'new' / 'bags.npy'), '--output')
+        atomic.check_writable(str(tmp_path / 'a_file' / 'sub' / 'bags.npy'), '--output')
+    atomic.check_writable(str(tmp_path / 'new' / 'bags.npy'), '--output')
 
 
 @pytest.fixture
@@ -119,7 +120,7 @@ def test_unreadable_checkpoints_name_the_file_and_what_is_wrong(damaged, kind, m
 
 def test_resume_falls_back_past_a_damaged_latest_checkpoint(tmp_path):
     for epoch in (10, 20, 30):
-        checkpoint.save_atomic({'epoch': epoch}, str(tmp_path / f'checkpoint_{epoch:04d}.pth'))
+        atomic.save_atomic({'epoch': epoch}, str(tmp_path / f'checkpoint_{epoch:04d}.pth'))
     (tmp_path / 'checkpoint_0030.pth').write_bytes(b'PK\x03\x04 torn')
     (tmp_path / 'checkpoint.pth').write_bytes(b'')
     path, state, note = checkpoint.load_latest(str(tmp_path))
@@ -170,12 +171,12 @@ def test_one_run_per_output_dir(tmp_path):
 
 def test_a_folder_with_a_run_is_resumed_never_started_over(tmp_path):
     assert rundir.checkpoint_to_resume(str(tmp_path), None) is None
-    checkpoint.save_atomic({'epoch': 3}, str(tmp_path / 'checkpoint.pth'))
+    atomic.save_atomic({'epoch': 3}, str(tmp_path / 'checkpoint.pth'))
     path, state, note = rundir.checkpoint_to_resume(str(tmp_path), None)
     assert state == {'epoch': 3} and 'resuming it, as --resume=auto' in note
     assert rundir.checkpoint_to_resume(str(tmp_path), 'auto')[2] is None
     other = tmp_path.parent / f'{tmp_path.name}_other.pth'
-    checkpoint.save_atomic({'epoch': 9}, str(other))
+    atomic.save_atomic({'epoch': 9}, str(other))
     with pytest.raises(rundir.RunDirError, match='holds a run of its own'):
         rundir.checkpoint_to_resume(str(tmp_path), str(other))
     assert rundir.checkpoint_to_resume(str(tmp_path / 'empty_run'), str(other))[1] == {'epoch': 9}

@@ -7,7 +7,9 @@ import pytest
 from PIL import Image
 
 from data import fashion_mnist
-from tests.test_knn_extract import REPO
+from tests.helpers import REPO
+
+pytestmark = pytest.mark.slow  # every test here runs the stage end to end
 
 
 @pytest.mark.skipif(not os.path.isdir(fashion_mnist.DEFAULT_SOURCE),

@@ -159,6 +159,7 @@ def _two_process_step(rank, out_dir):
                    os.path.join(out_dir, f'rank{rank}_{int(fast_views)}{mode}.pt'))
 
 
+@pytest.mark.slow
 def test_fast_views_and_graph_collectives_with_shuffle_bn_on_two_processes(tmp_path):
     run_on_processes(_two_process_step, 2, (str(tmp_path),))
     losses = []

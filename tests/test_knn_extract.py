@@ -2,7 +2,6 @@
 import json
 import os
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -11,18 +10,10 @@ import torch.nn.functional as F
 
 from data.folder import ImageFolder
 from data.transforms import eval_transform
-from models import build_backbone, load_backbone
-from tests.multiprocess import torchrun, torchrun_env
+from models import build_backbone, load_pretrained
+from tests.helpers import run_script
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_script(script, nproc=1, env=None, **flags):
-    """Run a stage script with --flag=value arguments (and `env` added to the environment);
-    returns the completed process."""
-    args = [f'--{key}={value}' for key, value in flags.items()]
-    return subprocess.run(torchrun(nproc) + [os.path.join(REPO, script)] + args, cwd=REPO,
-                          env={**torchrun_env(), **(env or {})}, capture_output=True, text=True, timeout=300)
+pytestmark = pytest.mark.slow  # every test here runs the stage end to end
 
 
 def extract(data_dir, teacher, output, nproc=1, **flags):
@@ -55,7 +46,7 @@ def test_neighbours_are_the_exact_nearest_by_index(tiny_folder, teacher_file, on
     neighbours = np.load(output)
     folder = ImageFolder(os.path.join(tiny_folder, 'train'), transform=eval_transform(32))
     assert neighbours.shape == (len(folder), 3) and neighbours.dtype.kind == 'i'
-    teacher = load_backbone('resnet18', teacher_file).eval()
+    teacher = load_pretrained('resnet18', teacher_file).eval()
     with torch.no_grad():
         features = F.normalize(teacher(torch.stack([folder[i][0] for i in range(len(folder))])), dim=1)
     similarity = features @ features.t()

@@ -1,61 +1,26 @@
-"""Stage 3: the frozen linear probe, the kNN vote, main_lincls.py end to end on 1 and 2 processes,
-its bad inputs, and the results table."""
+"""Stage 3: the frozen linear probe, the kNN vote, main_lincls.py and eval_knn.py end to end on 1
+and 2 processes, their bad inputs, and the results table."""
 import copy
 import json
 import math
 import os
 import shutil
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from data.folder import ImageFolder
 from data.transforms import eval_transform
-from models import build_backbone, load_backbone
-from models.linear import LinearProbe
-from tests.multiprocess import torchrun, torchrun_env
+from models import build_backbone, load_pretrained
+import eval_knn
+import main_distill
+import main_lincls
+from models.linear import LinearClassifier
+from tests.helpers import TINY, outcomes as run_outcomes, parse, result_of, run
+from tests.multiprocess import torchrun
 from tools import collect_results
 from utils.features import gather_by_index
 from utils.knn_classifier import knn_classify, knn_vote, rank_classes
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ['--image_size=32', '--workers=0', '--device=cpu']
-
-# main_lincls.main called for several argument lists in turn in one process (a torch import per
-# run would cost more than the runs); each outcome is printed as one JSON line:
-# ['result', the run's final JSON] or [error type, message].
-MAIN_DRIVER = '''
-import contextlib, io, json, sys
-from absl import flags
-import main_lincls
-for argv in json.loads(sys.argv[1]):
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(['main_lincls.py'] + argv)
-    printed = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(printed):
-            main_lincls.main([])
-        outcome = ['result', json.loads(printed.getvalue().splitlines()[-1])]
-    except Exception as e:
-        outcome = [type(e).__name__, str(e)]
-    print(json.dumps(outcome), flush=True)
-'''
-
-
-def run_main_lincls(cases):
-    """{case: argv} -> {case: outcome}, all in one Python process through MAIN_DRIVER."""
-    result = run([sys.executable, '-c', MAIN_DRIVER], [json.dumps(list(cases.values()))])
-    assert result.returncode == 0, result.stderr[-3000:]
-    return dict(zip(cases, (json.loads(line) for line in result.stdout.splitlines())))
-
-
-def run(command, args):
-    return subprocess.run(command + args, cwd=REPO, env=torchrun_env(), capture_output=True, text=True,
-                          timeout=300)
-
 
 def split_tensors(root, split):
     folder = ImageFolder(os.path.join(root, split), eval_transform(32))
@@ -88,10 +53,9 @@ def scratch(tmp_path_factory):
 def moco_run(data_dir, runs):
     """A resnet18 trained for 3 CPU steps of main_distill.py --method=moco."""
     out = runs / 'r18_moco_alone'
-    result = run([sys.executable, 'main_distill.py'], TINY + [
+    main_distill.run(parse(main_distill, TINY + [
         '--method=moco', f'--data_dir={data_dir}', f'--output_dir={out}', '--arch=resnet18',
-        '--batch_size=8', '--queue_size=16', '--epochs=1'])
-    assert result.returncode == 0, result.stderr[-3000:]
+        '--batch_size=8', '--queue_size=16', '--epochs=1']))
     return out
 
 
@@ -106,7 +70,7 @@ def evaluate_args(data_dir, moco_run):
 @pytest.fixture(scope='module')
 def outcomes(data_dir, moco_run, scratch):
     """{case: outcome} of main_lincls runs on one process, in order: train the probe, evaluate it,
-    kNN, then the bad inputs."""
+    then the bad inputs; and of eval_knn, 'knn'."""
     tmp = scratch
     no_student = tmp / 'no_student.pth'
     torch.save({'arch': 'resnet18', 'method': 'bingo', 'epoch': 1, 'flags': {}}, no_student)
@@ -125,8 +89,6 @@ def outcomes(data_dir, moco_run, scratch):
                         '--lr=0.001', '--min_lr=0'],
         'resumed': [data, student, f'--output_dir={tmp / "resumed"}', '--batch_size=8', '--epochs=2',
                     '--lr=0.001', '--min_lr=0', '--resume=auto'],
-        'knn': [data, student, f'--output_dir={moco_run / "knn"}', '--eval=knn', '--knn_k=5,10',
-                '--knn_backend=torch', '--batch_size=8'],
         'no student weights': [data, f'--pretrained={no_student}', '--pretrained_format=bingo',
                                f'--output_dir={tmp / "a"}'],
         'other architecture': [data, student, '--arch=resnet34', f'--output_dir={tmp / "b"}'],
@@ -135,18 +97,16 @@ def outcomes(data_dir, moco_run, scratch):
         'probe of another backbone': [data, f'--pretrained={other_backbone}', '--evaluate',
                                       f'--output_dir={moco_run / "lincls"}'],
     }
-    return run_main_lincls({case: TINY + args for case, args in cases.items()})
+    knn = {'knn': [data, student, f'--output_dir={moco_run / "knn"}', '--knn_k=5,10', '--knn_backend=torch',
+                   '--batch_size=8']}
+    return {**run_outcomes(main_lincls, {case: TINY + args for case, args in cases.items()}),
+            **run_outcomes(eval_knn, {case: TINY + args for case, args in knn.items()})}
 
 
-def result_of(outcomes, case):
-    kind, value = outcomes[case]
-    assert kind == 'result', f'{case}: {kind} {value}'
-    return value
-
-
+@pytest.mark.slow
 def test_probe_of_a_few_moco_steps_learns_and_leaves_the_backbone_untouched(data_dir, moco_run):
     torch.manual_seed(0)
-    probe = LinearProbe(load_backbone('resnet18', moco_run / 'checkpoint.pth'), num_classes=3)
+    probe = LinearClassifier(load_pretrained('resnet18', moco_run / 'checkpoint.pth'), num_classes=3)
     before = copy.deepcopy(probe.backbone.state_dict())
     digest = probe.backbone_digest()
     linear_before = probe.linear.weight.detach().clone()
@@ -172,7 +132,7 @@ def test_probe_of_a_few_moco_steps_learns_and_leaves_the_backbone_untouched(data
 
 
 def test_digest_names_a_changed_buffer():
-    probe = LinearProbe(build_backbone('resnet18'), num_classes=2)
+    probe = LinearClassifier(build_backbone('resnet18'), num_classes=2)
     digest = probe.backbone_digest()
     probe.backbone.layer1[0].bn1.running_var[0] += 1e-3
     changed = [name for name, value in probe.backbone_digest().items() if digest[name] != value]
@@ -212,6 +172,7 @@ def test_gather_by_index_drops_padding_and_checks_coverage():
         gather_by_index(rows, [0, 1, 1, 0], 3)
 
 
+@pytest.mark.slow
 def test_linear_run_writes_checkpoints_metrics_and_result(outcomes, moco_run):
     result, out = result_of(outcomes, 'train'), moco_run / 'lincls'
     assert set(result) == {'top1', 'top5', 'best_top1', 'epochs'} and result['epochs'] == 2
@@ -226,6 +187,7 @@ def test_linear_run_writes_checkpoints_metrics_and_result(outcomes, moco_run):
     assert os.path.exists(out / 'checkpoint_best.pth')
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_where_the_uninterrupted_one_does(outcomes, moco_run, scratch):
     assert result_of(outcomes, 'first epoch')['epochs'] == 1
     assert result_of(outcomes, 'resumed') == result_of(outcomes, 'train')
@@ -234,6 +196,7 @@ def test_resumed_run_ends_where_the_uninterrupted_one_does(outcomes, moco_run, s
     assert all(torch.equal(resumed['linear'][k], uninterrupted['linear'][k]) for k in ('weight', 'bias'))
 
 
+@pytest.mark.slow
 def test_evaluate_on_one_and_two_processes_counts_the_same(data_dir, moco_run, outcomes):
     trained, one = result_of(outcomes, 'train'), result_of(outcomes, 'evaluate')
     result = run(torchrun(2) + ['main_lincls.py'], evaluate_args(data_dir, moco_run))
@@ -244,9 +207,10 @@ def test_evaluate_on_one_and_two_processes_counts_the_same(data_dir, moco_run, o
     assert one['epochs'] == two['epochs'] == 2
 
 
+@pytest.mark.slow
 def test_knn_mode_matches_a_direct_computation(data_dir, moco_run, outcomes):
     result = result_of(outcomes, 'knn')
-    backbone = load_backbone('resnet18', moco_run / 'checkpoint.pth').eval()
+    backbone = load_pretrained('resnet18', moco_run / 'checkpoint.pth').eval()
     train_images, train_targets = split_tensors(data_dir, 'train')
     val_images, val_targets = split_tensors(data_dir, 'val')
     with torch.no_grad():
@@ -264,6 +228,17 @@ def test_knn_mode_matches_a_direct_computation(data_dir, moco_run, outcomes):
     assert json.load(open(moco_run / 'knn' / 'result_knn.json'))['method'] == 'moco'
 
 
+@pytest.mark.slow
+def test_main_lincls_eval_knn_still_runs_the_knn_evaluation_with_a_deprecation_message(data_dir, moco_run, outcomes,
+                                                                                       capsys):
+    argv = TINY + [f'--data_dir={data_dir}', f'--pretrained={moco_run / "checkpoint.pth"}', '--eval=knn',
+                   f'--output_dir={moco_run / "knn_deprecated"}', '--knn_k=5,10', '--knn_backend=torch',
+                   '--batch_size=8']
+    assert main_lincls.run(parse(main_lincls, argv)) == result_of(outcomes, 'knn')
+    assert 'main_lincls.py: --eval=knn is deprecated: run eval_knn.py' in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_collector_tables_finished_runs_beside_the_paper(outcomes, runs, capsys):
     linear, knn = result_of(outcomes, 'train'), result_of(outcomes, 'knn')
     collect_results.main([str(runs)])
@@ -285,6 +260,7 @@ def test_collector_names_spec_teachers():
     assert collect_results.teacher_label({}) == '-'  # the --pretrained file itself, e.g. a teacher
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_clear_errors(outcomes):
     kind, message = outcomes['no student weights']
     assert kind == 'CheckpointError' and 'no_student.pth' in message and "'bingo'" in message

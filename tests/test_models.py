@@ -13,7 +13,7 @@ import torchvision
 from efficientnet_pytorch import EfficientNet
 
 from models.backbones import ARCHS, CLASSIFIER_PREFIXES, build_backbone
-from models.checkpoints import CheckpointError, load_backbone, load_teacher, read_checkpoint
+from models.pretrained import CheckpointError, load_pretrained, read_pretrained
 from models.heads import Embedder, build_student, moco_head, swav_head
 
 FEATURE_DIMS = {'resnet18': 512, 'resnet34': 512, 'resnet50': 2048, 'resnet101': 2048,
@@ -184,8 +184,8 @@ def test_efficientnet_b0_package_state_dict_loads_as_a_plain_backbone(tmp_path):
     reference = _with_random_bn_stats(_package_b0())
     path = tmp_path / 'efficientnet-b0.pth'
     torch.save(reference.state_dict(), path)  # with the package's classifier _fc
-    assert read_checkpoint(str(path)).fmt == 'torchvision'
-    backbone = load_backbone('efficientnet_b0', str(path))
+    assert read_pretrained(str(path)).fmt == 'torchvision'
+    backbone = load_pretrained('efficientnet_b0', str(path))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(backbone.eval()(x), _package_pooled(reference.eval(), x))
@@ -225,9 +225,9 @@ def test_moco_v2_checkpoint(tmp_path):
                 'optimizer': {'state': {}, 'param_groups': [{'lr': 0.03, 'momentum': 0.9, 'params': [0]}]}},
                path)
 
-    weights = read_checkpoint(str(path))
+    weights = read_pretrained(str(path))
     assert (weights.fmt, weights.head_kind, weights.arch) == ('moco', 'moco', 'resnet50')
-    teacher = load_teacher('resnet50', str(path))
+    teacher = load_pretrained('resnet50', str(path), with_head=True)
     assert [m.out_features for m in teacher.head if isinstance(m, nn.Linear)] == [2048, 128]
     _assert_same_outputs(source, teacher)
 
@@ -238,9 +238,9 @@ def test_moco_v1_linear_head(tmp_path):
     path = tmp_path / 'moco_v1.pth.tar'
     torch.save({'state_dict': _renamed(encoder, 'module.encoder_q.'), 'arch': 'resnet18'}, path)
 
-    weights = read_checkpoint(str(path))
+    weights = read_pretrained(str(path))
     assert weights.head_kind == 'linear' and set(weights.head) == {'weight', 'bias'}
-    teacher = load_teacher('resnet18', str(path), fmt='moco')
+    teacher = load_pretrained('resnet18', str(path), fmt='moco', with_head=True)
     assert isinstance(teacher.head, nn.Linear)
     _assert_same_outputs(source, teacher)
 
@@ -255,10 +255,10 @@ def test_swav_w2_checkpoint(tmp_path, swav_w2):
     path = tmp_path / 'swav_RN50w2_400ep_pretrain.pth.tar'
     torch.save(state, path)
 
-    weights = read_checkpoint(str(path))
+    weights = read_pretrained(str(path))
     assert (weights.fmt, weights.head_kind) == ('swav', 'swav')
     assert not any('prototypes' in k for k in weights.backbone)
-    teacher = load_teacher('resnet50w2', str(path))
+    teacher = load_pretrained('resnet50w2', str(path), with_head=True)
     assert isinstance(teacher.head[1], nn.BatchNorm1d) and teacher.head[1].num_features == 8192
     _assert_same_outputs(swav_w2, teacher, size=64)
 
@@ -268,20 +268,20 @@ def test_torchvision_checkpoint(tmp_path):
     path = tmp_path / 'resnet50-0676ba61.pth'
     torch.save(reference.state_dict(), path)
 
-    assert read_checkpoint(str(path)).fmt == 'torchvision'
-    backbone = load_backbone('resnet50', str(path))
+    assert read_pretrained(str(path)).fmt == 'torchvision'
+    backbone = load_pretrained('resnet50', str(path))
     reference.fc = nn.Identity()
     _assert_same_outputs(reference, backbone)
     # A bare backbone (torchvision, DINO, Barlow Twins releases) is a teacher of stage 1 only.
     with pytest.raises(CheckpointError, match='no projection head.*serves stage 1, knn_extract.py, only'):
-        load_teacher('resnet50', str(path))
+        load_pretrained('resnet50', str(path), with_head=True)
 
 
 def test_torchvision_checkpoint_with_ddp_prefix(tmp_path):
     reference = torchvision.models.mobilenet_v3_large(weights=None)
     path = tmp_path / 'mobilenet.pth'
     torch.save(_renamed(reference.state_dict(), 'module.'), path)
-    backbone = load_backbone('mobilenet_v3_large', str(path))
+    backbone = load_pretrained('mobilenet_v3_large', str(path))
     reference.classifier = nn.Identity()
     _assert_same_outputs(reference, backbone)
 
@@ -293,11 +293,11 @@ def test_bingo_checkpoint(tmp_path):
     torch.save({'student': student.state_dict(), 'arch': 'resnet18',
                 'args': argparse.Namespace(lr=0.03)}, path)
 
-    weights = read_checkpoint(str(path))
+    weights = read_pretrained(str(path))
     assert (weights.fmt, weights.head_kind, weights.arch) == ('bingo', 'moco', 'resnet18')
-    teacher = load_teacher('resnet18', str(path))
+    teacher = load_pretrained('resnet18', str(path), with_head=True)
     _assert_same_outputs(student, teacher)
-    _assert_same_outputs(student.backbone, load_backbone('resnet18', str(path), fmt='bingo'))
+    _assert_same_outputs(student.backbone, load_pretrained('resnet18', str(path), fmt='bingo'))
 
 
 # ---------------------------------------------------------------- checkpoints: errors
@@ -306,7 +306,7 @@ def test_wrong_arch_names_file_format_and_keys(tmp_path):
     path = tmp_path / 'resnet18-f37072fd.pth'
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
     with pytest.raises(CheckpointError) as error:
-        load_backbone('resnet50', str(path))
+        load_pretrained('resnet50', str(path))
     message = str(error.value)
     assert str(path) in message and "'torchvision'" in message and "'resnet50'" in message
     assert 'layer1.0.conv3.weight' in message  # missing: resnet18 has no third conv
@@ -317,7 +317,7 @@ def test_wrong_arch_mentions_recorded_arch(tmp_path):
     path = tmp_path / 'student.pth'
     torch.save({'student': build_student('resnet18').state_dict(), 'arch': 'resnet18'}, path)
     with pytest.raises(CheckpointError, match=r"records arch 'resnet18'.*missing keys: layer1\.2\."):
-        load_teacher('resnet34', str(path))
+        load_pretrained('resnet34', str(path), with_head=True)
 
 
 def test_shape_mismatch_is_reported(tmp_path):
@@ -326,7 +326,7 @@ def test_shape_mismatch_is_reported(tmp_path):
     path = tmp_path / 'broken.pth'
     torch.save(state, path)
     with pytest.raises(CheckpointError, match=r'shape mismatch.*bn1\.weight \(65,\) vs \(64,\)'):
-        load_backbone('resnet18', str(path))
+        load_pretrained('resnet18', str(path))
 
 
 @pytest.mark.parametrize('content', [{'foo': 1, 'bar': 'baz'}, {'foo.weight': torch.ones(2)}, [1, 2]])
@@ -334,22 +334,22 @@ def test_unrecognised_checkpoint_names_file(tmp_path, content):
     path = tmp_path / 'mystery.pth'
     torch.save(content, path)
     with pytest.raises(CheckpointError, match='mystery.pth'):
-        read_checkpoint(str(path))
+        read_pretrained(str(path))
 
 
 def test_explicit_format_must_match(tmp_path):
     path = tmp_path / 'resnet18.pth'
     torch.save(build_backbone('resnet18').state_dict(), path)
     with pytest.raises(CheckpointError, match=r"resnet18\.pth is not in format 'moco'"):
-        read_checkpoint(str(path), fmt='moco')
+        read_pretrained(str(path), fmt='moco')
     with pytest.raises(CheckpointError, match='unknown checkpoint format'):
-        read_checkpoint(str(path), fmt='simclr')
+        read_pretrained(str(path), fmt='simclr')
 
 
 def test_missing_or_unreadable_file(tmp_path):
     with pytest.raises(CheckpointError, match='nowhere.pth does not exist'):
-        load_teacher('resnet18', str(tmp_path / 'nowhere.pth'))
+        load_pretrained('resnet18', str(tmp_path / 'nowhere.pth'), with_head=True)
     garbage = tmp_path / 'garbage.pth'
     garbage.write_text('not a checkpoint')
     with pytest.raises(CheckpointError, match='garbage.pth is truncated or not a checkpoint'):
-        read_checkpoint(str(garbage))
+        read_pretrained(str(garbage))

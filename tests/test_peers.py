@@ -15,9 +15,8 @@ from models import build_student
 from models.distill import SEED, DisCo
 from models.loss import disco_loss, seed_loss
 from tests.multiprocess import fake_torchrun, flag_value
-from tests.test_distill import distill
-from tests.test_knn_extract import REPO
-from tests.test_lincls import TINY, run_main_lincls
+import eval_knn
+from tests.helpers import REPO, TINY, distill, outcomes
 from tools import collect_results
 from utils import checkpoint
 
@@ -100,6 +99,7 @@ def peer_run(request, tiny_folder, teacher_file, tmp_path_factory):
     return method, out, result
 
 
+@pytest.mark.slow
 def test_two_processes_train_each_peer_with_its_released_defaults(peer_run):
     method, out, result = peer_run
     first = checkpoint.load(os.path.join(out, 'checkpoint_0001.pth'))
@@ -120,6 +120,7 @@ def test_two_processes_train_each_peer_with_its_released_defaults(peer_run):
     assert f'{method}: student resnet18' in result.stdout
 
 
+@pytest.mark.slow
 def test_resumed_peer_run_ends_like_an_uninterrupted_one(peer_run, tiny_folder, teacher_file, tmp_path):
     method, out, _ = peer_run
     resumed = str(tmp_path / 'resumed')
@@ -138,11 +139,13 @@ def test_resumed_peer_run_ends_like_an_uninterrupted_one(peer_run, tiny_folder, 
             assert torch.allclose(value.float(), b[part][key].float(), atol=1e-5), (part, key)
 
 
+@pytest.mark.slow
 def test_collector_tables_a_peer_run_under_its_method_and_teacher(peer_run, tiny_folder, capsys):
     method, out, _ = peer_run
     knn = [f'--data_dir={tiny_folder}', f'--pretrained={out}/checkpoint.pth', f'--output_dir={out}/knn',
-           '--eval=knn', '--knn_k=5', '--knn_backend=torch', '--batch_size=8', *TINY]
-    assert run_main_lincls({'knn': knn})['knn'][0] == 'result'
+           '--knn_k=5', '--knn_backend=torch', '--batch_size=8', *TINY]
+    assert outcomes(eval_knn, {'knn': knn})['knn'][0] == 'result'
+    capsys.readouterr()  # the evaluation's own lines
     collect_results.main([out])
     row = [cell.strip() for cell in capsys.readouterr().out.splitlines()[2].strip('|').split('|')]
     name = collect_results.PEERS[method]
@@ -154,6 +157,7 @@ def test_collector_tables_a_peer_run_under_its_method_and_teacher(peer_run, tiny
     assert collect_results.PAPER[(label, 'resnet18')][0] == {'seed': 63.0, 'disco': 65.2}[method]
 
 
+@pytest.mark.slow
 def test_a_peer_without_a_teacher_is_refused(tiny_folder, tmp_path):
     result = distill(tiny_folder, str(tmp_path / 'run'), method='disco')
     assert result.returncode != 0 and '--method=disco needs --teacher' in result.stderr

@@ -8,13 +8,15 @@ import torch
 from efficientnet_pytorch import EfficientNet
 
 from data.folder import ImageFolder
-from tests.test_distill import bingo_inputs, distill  # noqa: F401 (bingo_inputs is a fixture)
-from tests.test_lincls import TINY, run_main_lincls
+import main_lincls
+from tests.helpers import TINY, distill, outcomes
 from utils import checkpoint
+
+pytestmark = pytest.mark.slow  # every test here runs the stage end to end
 
 
 @pytest.fixture(scope='module')
-def released_run(tiny_folder, bingo_inputs, tmp_path_factory):  # noqa: F811
+def released_run(tiny_folder, bingo_inputs, tmp_path_factory):
     """1 epoch of an efficientnet_b0 student from a bare (N, 4) .npy with --clus_pos_num=2."""
     teacher, _ = bingo_inputs
     root = tmp_path_factory.mktemp('released')
@@ -55,11 +57,11 @@ def test_exported_efficientnet_b0_loads_into_the_package_network(released_run):
 def test_linear_probe_of_the_efficientnet_b0_student(released_run, tiny_folder):
     out, _, _ = released_run
     common = TINY + [f'--data_dir={tiny_folder}', '--arch=efficientnet_b0', '--batch_size=8', '--epochs=1']
-    outcomes = run_main_lincls({
+    probes = outcomes(main_lincls, {
         'checkpoint': common + [f'--pretrained={out}/checkpoint.pth', f'--output_dir={out}/probe_a'],
         'exported': common + [f'--pretrained={out}/student_backbone.pth', f'--output_dir={out}/probe_b'],
     })
-    assert [kind for kind, _ in outcomes.values()] == ['result', 'result'], outcomes
+    assert [kind for kind, _ in probes.values()] == ['result', 'result'], probes
     # The distillation checkpoint and the exported backbone hold the same tensors: the same probe.
-    a, b = (result for _, result in outcomes.values())
+    a, b = (result for _, result in probes.values())
     assert (a['top1'], a['top5']) == (b['top1'], b['top5'])

@@ -2,7 +2,6 @@
 linear protocols of main_lincls.py, their bad inputs, the results table and scripts/semi."""
 import json
 import os
-import re
 import shutil
 import subprocess
 from collections import Counter
@@ -16,10 +15,10 @@ from data.transforms import eval_transform
 from data.subsets import (LabelledSubset, SubsetError, balanced_subset, load_subset, read_subset_list,
                           write_subset_list)
 from models import build_backbone
-from models.linear import FineTuned, LinearProbe
-from tests.conftest import render_shapes_tree
+import main_lincls
+from models.linear import LinearClassifier
 from tests.multiprocess import fake_torchrun, flag_value, torchrun
-from tests.test_lincls import REPO, TINY, result_of, run, run_main_lincls
+from tests.helpers import REPO, TINY, outcomes as run_outcomes, render_shapes_tree, result_of, run
 from tools import collect_results
 
 
@@ -120,9 +119,9 @@ def test_finetuning_updates_the_backbone_and_the_linear_protocol_does_not(data_d
     folder = ImageFolder(data_dir / 'train', eval_transform(32))
     images = torch.stack([folder[i][0] for i in (0, 9, 17)])
     targets = torch.tensor([0, 1, 2])
-    for model_class, trains_backbone in ((FineTuned, True), (LinearProbe, False)):
+    for frozen, trains_backbone in ((False, True), (True, False)):  # fine-tuned, probe
         torch.manual_seed(0)
-        model = model_class(build_backbone('resnet18'), num_classes=3)
+        model = LinearClassifier(build_backbone('resnet18'), num_classes=3, frozen=frozen)
         before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         model.train()
@@ -147,7 +146,7 @@ def runs(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def outcomes(data_dir, train_folder, pretrained, runs, tmp_path_factory):
-    """{case: outcome} of main_lincls runs in one process, in order (see tests/test_lincls.py)."""
+    """{case: outcome} of main_lincls runs in this process, in order."""
     tmp = tmp_path_factory.mktemp('semi_scratch')
     known = train_folder.samples[0][0].split('/')[1]
     bad_list = write_lines(tmp / 'bad.txt', [known, 'n01440764_10026.JPEG'])
@@ -168,7 +167,7 @@ def outcomes(data_dir, train_folder, pretrained, runs, tmp_path_factory):
         'backbone lr of a probe': ['--backbone_lr=0.1', f'--output_dir={tmp / "c"}'],
         'knn on a subset': ['--eval=knn', '--train_percent=10', f'--output_dir={tmp / "d"}'],
     }
-    return run_main_lincls({case: common + args for case, args in cases.items()})
+    return run_outcomes(main_lincls, {case: common + args for case, args in cases.items()})
 
 
 def loaded_backbone(path):
@@ -177,6 +176,7 @@ def loaded_backbone(path):
     return backbone
 
 
+@pytest.mark.slow
 def test_finetune_run_trains_the_whole_network_on_the_drawn_subset(outcomes, runs, pretrained, train_folder):
     result, out = result_of(outcomes, 'finetune'), runs / 'finetune_50'
     assert result['protocol'] == 'finetune' and result['train_images'] == 12 and result['labelled_percent'] == 50
@@ -197,6 +197,7 @@ def test_finetune_run_trains_the_whole_network_on_the_drawn_subset(outcomes, run
     assert lrs == pytest.approx([0.05, 0.5])  # backbone, classifier: epoch 0 of the cosine
 
 
+@pytest.mark.slow
 def test_linear_run_on_a_listed_subset_leaves_the_backbone_frozen(outcomes, runs, pretrained):
     result, out = result_of(outcomes, 'linear'), runs / 'linear_50'
     finetuned = result_of(outcomes, 'finetune')
@@ -207,9 +208,10 @@ def test_linear_run_on_a_listed_subset_leaves_the_backbone_frozen(outcomes, runs
     assert state['protocol'] == 'linear' and 'model' not in state and set(state['linear']) == {'weight', 'bias'}
     # The run checked after its first epoch that the backbone digest had not changed (it would have
     # stopped with a RuntimeError); the digest is that of the pretrained weights.
-    assert state['backbone_digest'] == LinearProbe(loaded_backbone(pretrained), 3).backbone_digest()
+    assert state['backbone_digest'] == LinearClassifier(loaded_backbone(pretrained), 3).backbone_digest()
 
 
+@pytest.mark.slow
 def test_finetune_on_two_processes_trains_the_backbone(data_dir, pretrained, tmp_path):
     """The whole network under DistributedDataParallel (gloo), BatchNorm buffers included."""
     result = run(torchrun(2) + ['main_lincls.py'], TINY + [
@@ -222,11 +224,13 @@ def test_finetune_on_two_processes_trains_the_backbone(data_dir, pretrained, tmp
     assert not torch.equal(trained['backbone.layer1.0.conv1.weight'], start['layer1.0.conv1.weight'])
 
 
+@pytest.mark.slow
 def test_saved_finetuned_network_evaluates_to_its_result(outcomes):
     trained, evaluated = result_of(outcomes, 'finetune'), result_of(outcomes, 'evaluate finetune')
     assert (evaluated['top1'], evaluated['top5'], evaluated['epochs']) == (trained['top1'], trained['top5'], 1)
 
 
+@pytest.mark.slow
 def test_bad_semi_supervised_inputs_are_clear_errors(outcomes):
     kind, message = outcomes['evaluate with the other protocol']
     assert kind == 'UsageError' and 'was trained with --protocol=finetune, not --protocol=linear' in message
@@ -242,6 +246,7 @@ def test_bad_semi_supervised_inputs_are_clear_errors(outcomes):
     assert kind == 'UsageError' and '--train_percent' in message
 
 
+@pytest.mark.slow
 def test_collector_tables_semi_supervised_runs_beside_the_paper(outcomes, runs, capsys):
     finetuned, linear = result_of(outcomes, 'finetune'), result_of(outcomes, 'linear')
     collect_results.main([str(runs)])
@@ -270,7 +275,7 @@ def test_collector_matches_spec_numbers_to_simclr_and_drawn_subsets():
 def test_semi_scripts_run_both_protocols_on_both_simclr_lists(tmp_path):
     env, recorded = fake_torchrun(tmp_path)
     env.update(DATA='/d', SUBSETS='/lists')
-    defined = set(re.findall(r"DEFINE_\w+\('(\w+)'", open(os.path.join(REPO, 'main_lincls.py')).read()))
+    defined = set(main_lincls.FLAGS)
     for row, run_dir in (('r18_moco200', 'runs/r18_moco200'), ('r18_r152', 'runs/r18_r152'),
                          ('r18_swav_w2', 'runs/r18_swav_w2')):
         done = subprocess.run(['bash', f'scripts/semi/{row}.sh', '--workers=4'], cwd=REPO, env=env,

@@ -7,7 +7,7 @@ import torch
 
 from models.distill import KeyQueue
 from tests.multiprocess import run_on_processes
-from utils import checkpoint, dist
+from utils import atomic, checkpoint, dist
 from utils.schedule import cosine_lr
 
 
@@ -23,6 +23,7 @@ def _gather_and_shuffle(rank, out_dir):
     torch.save({'shuffled': shuffled, 'perm': perm}, os.path.join(out_dir, f'rank{rank}.pt'))
 
 
+@pytest.mark.slow
 def test_shuffle_bn_mixes_ranks_and_unshuffles(tmp_path):
     run_on_processes(_gather_and_shuffle, 2, (str(tmp_path),))
     r0, r1 = (torch.load(tmp_path / f'rank{r}.pt') for r in (0, 1))
@@ -51,14 +52,14 @@ def test_queue_is_fifo_and_wraps():
 
 def test_save_atomic_keeps_old_file_on_failure(tmp_path):
     path = tmp_path / 'checkpoint.pth'
-    checkpoint.save_atomic({'epoch': 1}, str(path))
+    atomic.save_atomic({'epoch': 1}, str(path))
 
     class Unpicklable:
         def __reduce__(self):
             raise RuntimeError('boom')
 
     with pytest.raises(RuntimeError):
-        checkpoint.save_atomic({'epoch': 2, 'bad': Unpicklable()}, str(path))
+        atomic.save_atomic({'epoch': 2, 'bad': Unpicklable()}, str(path))
     assert checkpoint.load(str(path)) == {'epoch': 1}
     assert os.listdir(tmp_path) == ['checkpoint.pth']  # no temporary left behind
 
@@ -70,6 +71,6 @@ def test_cosine_schedule_matches_released_formula():
 
 
 def test_atomic_files_get_the_usual_permissions(tmp_path):
-    checkpoint.save_atomic({'epoch': 1}, str(tmp_path / 'a.pth'))
+    atomic.save_atomic({'epoch': 1}, str(tmp_path / 'a.pth'))
     open(tmp_path / 'b', 'w').close()  # what a plain open() gives under this umask
     assert os.stat(tmp_path / 'a.pth').st_mode & 0o777 == os.stat(tmp_path / 'b').st_mode & 0o777

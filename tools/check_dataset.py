@@ -16,19 +16,23 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.folder import DataError, ImageFolder, unreadable_images  # noqa: E402
 from utils import errors  # noqa: E402
 
-FLAGS = flags.FLAGS
-flags.DEFINE_integer('workers', os.cpu_count(), 'Processes decoding images.')
+FLAGS = flags.FlagValues()  # this script's own flags (utils/args.py)
+flags.DEFINE_integer('workers', os.cpu_count(), 'Processes decoding images.', flag_values=FLAGS)
 
 
 def main(argv):
-    roots = argv[1:]
+    check(argv[1:], FLAGS.workers)
+
+
+def check(roots, workers):
+    """Decode every image below each root, print the unreadable ones and a summary per root."""
     if not roots:
         raise app.UsageError('name the folders to check, e.g. python tools/check_dataset.py DATA/train DATA/val')
     unreadable = 0
     for root in roots:
         start = time.time()
         folder = ImageFolder(root)
-        problems = unreadable_images(folder, workers=FLAGS.workers)
+        problems = unreadable_images(folder, workers=workers)
         for problem in problems:
             print(problem, flush=True)
         print(f'{root}: {len(folder)} images in {len(folder.classes)} classes, {len(problems)} unreadable '
@@ -39,4 +43,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    errors.run(main)
+    errors.run(main, FLAGS)

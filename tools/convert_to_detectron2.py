@@ -25,8 +25,8 @@ import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from models.checkpoints import FORMATS, load_backbone, read_checkpoint  # noqa: E402
-from utils.checkpoint import write_atomic  # noqa: E402
+from models.pretrained import FORMATS, read_pretrained  # noqa: E402
+from utils.atomic import write_atomic  # noqa: E402
 
 # torchvision ResNets, the layout detectron2's ResNet mirrors (SwAV's wide ResNets pad their stem
 # differently, and the other backbones are not ResNets).
@@ -74,14 +74,15 @@ def export(checkpoint, output, arch=None, fmt='auto'):
     The backbone is loaded strictly into `arch` (default: the architecture the checkpoint records)
     first, so a file missing a tensor, or of another architecture, is an error, not a partial export.
     """
-    arch = arch or read_checkpoint(checkpoint, fmt).arch
+    weights = read_pretrained(checkpoint, fmt)
+    arch = arch or weights.arch
     if arch is None:
         raise ExportError(f'{checkpoint} does not record its architecture: pass --arch (one of '
                           f'{", ".join(DETECTRON2_ARCHS)})')
     if arch not in DETECTRON2_ARCHS:
         raise ExportError(f"cannot export {checkpoint}: arch '{arch}' has no detectron2 counterpart; "
                           f'detectron2 builds {", ".join(DETECTRON2_ARCHS)}')
-    model = to_detectron2(load_backbone(arch, checkpoint, fmt).state_dict())
+    model = to_detectron2(weights.build(arch).state_dict())
     record = {'model': model, '__author__': 'bingo', 'matching_heuristics': True}
     write_atomic(output, lambda f: pickle.dump(record, f))
     return model

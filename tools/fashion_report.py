@@ -12,8 +12,8 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.folder import ImageFolder  # noqa: E402
-from data.neighbours import load_neighbours, sidecar_path  # noqa: E402
-from utils.checkpoint import write_atomic  # noqa: E402
+from data.neighbours import load_neighbours, read_sidecar  # noqa: E402
+from utils.atomic import write_atomic  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('run_dir', None, 'Output folder of scripts/fashion_mnist.sh.')
@@ -68,8 +68,7 @@ def main(argv):
     folder = ImageFolder(os.path.join(FLAGS.data_dir, 'train'))
     bags = os.path.join(FLAGS.run_dir, 'bags.npy')
     neighbours = load_neighbours(bags, len(folder), folder.fingerprint())
-    with open(sidecar_path(bags)) as f:
-        precision = json.load(f)['bag_precision']
+    precision = read_sidecar(bags)['bag_precision']
     bags_picture(folder, neighbours, os.path.join(FLAGS.run_dir, 'bags.png'), FLAGS.anchors)
     timing = f' in {FLAGS.seconds // 60} min {FLAGS.seconds % 60} s' if FLAGS.seconds is not None else ''
     report = (f'# BINGO on Fashion-MNIST ({len(folder)} training images{timing})\n\n'

@@ -1,121 +1,35 @@
-"""The one writer and the one reader of the project's files.
+"""Reading checkpoints, and the distillation run's checkpoint: the one home of its layout.
 
-Writing: to a temporary file beside the target, then renamed, so a file is never half-written; a
-failed or interrupted write removes its temporary, and a failure of the OS (disk full, no
-permission) is a SaveError naming the file. Reading: `load` turns every way a checkpoint can be
-unreadable into a CheckpointError naming the file and what is wrong with it. Also here: what a
-resumed run compares (`changed_flags`) and which checkpoint of a run folder it resumes
-(`load_latest`).
+`load` is the project's one torch.load: every way a file can be unreadable becomes a
+CheckpointError naming the file and what is wrong with it.
+
+A main_distill.py run folder holds
+    checkpoint.pth          the latest state: after every epoch, and at the step a stopped run saved
+    checkpoint_<epoch>.pth  the state after that epoch, kept every --save_freq epochs and at the last
+    student_backbone.pth    the student's backbone alone, in the layout of the library defining it
+Each checkpoint is `RunCheckpoint.to_dict()`; main_distill.py writes it (`save_run`) and resumes from
+it (`RunCheckpoint.from_dict`), the linear probe records where its backbone comes from
+(`run_origin`) and models/pretrained.py reads its student (`student_weights`, format 'bingo').
 """
-import json
+import dataclasses
 import os
 import pickle
 import re
-import tempfile
+from typing import Optional
 
 import torch
 
+from utils.atomic import save_atomic, why
 from utils.errors import UserError
 
 LATEST = 'checkpoint.pth'
+STUDENT_BACKBONE = 'student_backbone.pth'
 _KEPT = re.compile(r'checkpoint_(\d+)\.pth$')  # checkpoint_<epoch>.pth, kept every --save_freq epochs
-_TEMPORARY = re.compile(r'\..+\.[a-z0-9_]{8}\.tmp$')  # write_atomic's '.<name>.<mkstemp's 8 characters>.tmp'
 _ZIP_MAGIC = b'PK\x03\x04'  # torch.save's format since torch 1.6
 
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint file is missing, unreadable, or does not fit the requested model."""
-
-
-class SaveError(UserError, OSError):
-    """A file could not be written (disk full, no permission, a folder in the way)."""
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _remove_quietly(path):
-    try:
-        os.remove(path)
-    except OSError:
-        pass
-
-
-def _os_error(error):
-    """The OSError behind `error`, if any: torch reports a failed write as a RuntimeError
-    ("[enforce fail at inline_container.cc] unexpected pos ...") whose context is the OSError."""
-    while error is not None:
-        if isinstance(error, OSError) and error.strerror:
-            return error
-        error = error.__cause__ or error.__context__
-    return None
-
-
-def _why(os_error):
-    """'no space left on device' from an OSError, to begin a message."""
-    text = os_error.strerror or str(os_error)
-    return text[:1].lower() + text[1:]
-
-
-def write_atomic(path, write):
-    """Call write(binary file) on a temporary file next to `path`, then move it into place, so a
-    crash leaves either the old file or the new one, never a torn one. The temporary is removed
-    on any failure, an interruption included."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
-    except OSError as e:
-        raise SaveError(f'{_why(e)} creating a file in {folder} for {path}') from e
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from the user's group
-        os.replace(tmp, path)
-    except BaseException as e:
-        _remove_quietly(tmp)
-        cause = _os_error(e) if isinstance(e, Exception) else None
-        if cause is not None:
-            raise SaveError(f'{_why(cause)} writing {path}') from e
-        raise
-
-
-def save_atomic(obj, path):
-    """torch.save `obj` to `path` atomically."""
-    write_atomic(path, lambda f: torch.save(obj, f))
-
-
-def write_json_atomic(record, path):
-    write_atomic(path, lambda f: f.write(json.dumps(record, indent=1, sort_keys=True).encode() + b'\n'))
-
-
-def stale_temporaries(folder):
-    """Temporary files of write_atomic in `folder`: left by a process killed while writing
-    (SIGKILL, power loss), which no cleanup could remove."""
-    if not os.path.isdir(folder):
-        return []
-    return sorted(os.path.join(folder, name) for name in os.listdir(folder) if _TEMPORARY.match(name))
-
-
-def check_writable(path, what):
-    """Refuse, before any compute, a file `what` names (e.g. '--output') that write_atomic could not
-    create: an existing folder, a parent that is a file, or a folder without write permission."""
-    path = os.path.abspath(path)
-    if os.path.isdir(path):
-        raise SaveError(f'{what}={path} is a folder; name the file to write')
-    parent = os.path.dirname(path)
-    while not os.path.exists(parent):  # write_atomic creates the missing folders
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise SaveError(f'{what}={path} cannot be created: {parent} is a file, not a folder')
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise SaveError(f'{what}={path} cannot be created: no permission to write in {parent}')
 
 
 def _first_sentence(error):
@@ -147,11 +61,77 @@ def load(path):
     except CheckpointError:
         raise
     except OSError as e:
-        raise CheckpointError(f'{_why(e)} reading checkpoint {path}') from e
+        raise CheckpointError(f'{why(e)} reading checkpoint {path}') from e
     except Exception as e:
         size = os.path.getsize(path)
         kind = 'truncated or damaged' if head == _ZIP_MAGIC else 'truncated or not a checkpoint'
         raise CheckpointError(f'{path} is {kind} ({size} bytes; torch.load: {_first_sentence(e)})') from e
+
+
+@dataclasses.dataclass
+class RunCheckpoint:
+    """The state of a distillation run, as its checkpoint files hold it."""
+    arch: str                    # the student's backbone
+    method: str                  # bingo, moco, seed or disco
+    epoch: int                   # training continues at this epoch ...
+    step: int                    # ... and this step of it (0 once an epoch has finished)
+    world_size: int              # processes that trained it: a mid-epoch stop resumes on as many
+    rng: Optional[list]          # each rank's RNG state at a mid-epoch stop, else None
+    modules: dict                # the training module's training_state(): 'student', 'queue' and, for
+                                 # moco its momentum 'teacher', for disco its 'key_encoder'
+    optimizer: dict
+    flags: dict                  # what the run was started with (main_distill.recorded_flags)
+
+    def to_dict(self):
+        """The file's layout: one flat dict, the modules' state dicts at the top level."""
+        return {'arch': self.arch, 'method': self.method, 'epoch': self.epoch, 'step': self.step,
+                'world_size': self.world_size, 'rng': self.rng, **self.modules,
+                'optimizer': self.optimizer, 'flags': self.flags}
+
+    @classmethod
+    def from_dict(cls, state, path):
+        """Read what to_dict wrote; a file without what a run resumes from is a CheckpointError."""
+        missing = [key for key in ('arch', 'method', 'epoch', 'student', 'queue', 'optimizer')
+                   if not isinstance(state, dict) or key not in state]
+        if missing:
+            raise CheckpointError(f'{path} is not a checkpoint of main_distill.py: no {", ".join(missing)}')
+        fields = {'arch', 'method', 'epoch', 'step', 'world_size', 'rng', 'optimizer', 'flags'}
+        return cls(state['arch'], state['method'], state['epoch'], state.get('step', 0),
+                   state.get('world_size', 1), state.get('rng'),
+                   {key: value for key, value in state.items() if key not in fields},
+                   state['optimizer'], state.get('flags', {}))
+
+
+def kept_path(folder, epoch):
+    return os.path.join(folder, f'checkpoint_{epoch:04d}.pth')
+
+
+def save_run(folder, run, keep=False, student_backbone=None):
+    """Write `run` (a RunCheckpoint) to <folder>/checkpoint.pth, also to checkpoint_<epoch>.pth when
+    `keep`, and the state dict `student_backbone` to student_backbone.pth when given."""
+    state = run.to_dict()
+    save_atomic(state, os.path.join(folder, LATEST))
+    if keep:
+        save_atomic(state, kept_path(folder, run.epoch))
+    if student_backbone is not None:
+        save_atomic(student_backbone, os.path.join(folder, STUDENT_BACKBONE))
+
+
+def student_weights(obj):
+    """The student's state dict ('backbone.*', 'head.*') of a distillation checkpoint, else None."""
+    return obj.get('student') if isinstance(obj, dict) else None
+
+
+def run_origin(obj):
+    """What a result file records of the run a distillation checkpoint comes from (its method,
+    epochs, teacher file and backbone); {} for any other file."""
+    if not (isinstance(obj, dict) and isinstance(obj.get('flags'), dict) and 'method' in obj):
+        return {}
+    flags = obj['flags']
+    teacher = flags.get('teacher') if obj['method'] != 'moco' else None  # MoCo alone has none
+    return {'method': obj['method'], 'distill_epochs': obj.get('epoch'),
+            'teacher': os.path.basename(teacher) if teacher else None,
+            'teacher_arch': flags.get('teacher_arch') if teacher else None}
 
 
 def kept_checkpoints(folder):

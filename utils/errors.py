@@ -1,6 +1,6 @@
 """How the scripts end: one line for a failure the user can fix, a traceback only for a bug.
 
-Every script's entry point is `errors.run(main)`. A UserError (a bad file, folder or flag, a full
+Every script's entry point is `errors.run(main, FLAGS)`. A UserError (a bad file, folder or flag, a full
 disk while saving: DataError, CheckpointError, NeighbourFileError, ... all derive from it) or an
 absl UsageError ends the run with `<script>: error: <message>` on stderr and exit status 1; any
 other exception is a bug and keeps its traceback. BINGO_TRACEBACK=1 shows the traceback of every
@@ -9,7 +9,7 @@ failure.
 import os
 import sys
 
-from absl import app
+from absl import app, flags
 
 TRACEBACK_ENV = 'BINGO_TRACEBACK'
 INTERRUPTED_EXIT = 130  # the shell's status for a program stopped by SIGINT
@@ -54,7 +54,16 @@ def guarded(main, argv, prog):
         return INTERRUPTED_EXIT
 
 
-def run(main):
-    """absl's app.run(main) with `guarded`'s error reporting: the entry point of every script."""
+def run(main, flag_values):
+    """absl's app.run(main) over the script's own flags `flag_values` (utils/args.py), with
+    `guarded`'s error reporting: the entry point of every script."""
     prog = os.path.basename(sys.argv[0])
-    app.run(lambda argv: guarded(main, argv, prog))
+    for name in flag_values:  # absl's parser and --help see them as the main module's flags
+        flags.FLAGS[name] = flag_values[name]
+        flags.FLAGS.register_flag_by_module(sys.argv[0], flag_values[name])
+
+    def parse(argv):
+        remaining = app.parse_flags_with_usage(argv)
+        flag_values.mark_as_parsed()  # parsed through the shared flag objects
+        return remaining
+    app.run(lambda argv: guarded(main, argv, prog), flags_parser=parse)

@@ -16,7 +16,7 @@ import os
 import socket
 import sys
 
-from utils import checkpoint
+from utils import atomic, checkpoint
 from utils.errors import UserError
 
 LOCK = 'run.lock'
@@ -105,7 +105,7 @@ def claim(folder):
     lock = RunLock(folder)
     notes = [lock.acquire()]
     atexit.register(lock.release)
-    for path in checkpoint.stale_temporaries(folder):
+    for path in atomic.stale_temporaries(folder):
         os.remove(path)
         notes.append(f'removed {path}, left by a write that was killed')
     return [note for note in notes if note]

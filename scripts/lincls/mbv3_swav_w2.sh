@@ -1,4 +1,3 @@
 #!/usr/bin/env bash
 # MobileNet-v3-large distilled from SwAV R-50w2 (SPEC gives no probe lr: EfficientNet-B0's). Paper (ImageNet linear): 67.1 top-1.
-export ARCH=mobilenet_v3_large RUN=${RUN:-runs/mbv3_swav_w2}
-exec bash "$(dirname "$0")/evaluate.sh" --lr=3.0 --min_lr=0.001 "$@"
+exec bash "$(dirname "$0")/evaluate.sh" bingo mobilenet_v3_large swav_w2 --lr=3.0 --min_lr=0.001 "$@"

@@ -1,4 +1,3 @@
 #!/usr/bin/env bash
 # ResNet-18 trained by MoCo v2 alone (no teacher). Paper (ImageNet linear): 52.5 / 77.0.
-export ARCH=resnet18 RUN=${RUN:-runs/r18_moco_alone}
-exec bash "$(dirname "$0")/evaluate.sh" "$@"
+exec bash "$(dirname "$0")/evaluate.sh" moco resnet18 none "$@"

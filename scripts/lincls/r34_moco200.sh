@@ -1,4 +1,3 @@
 #!/usr/bin/env bash
 # ResNet-34 distilled from MoCo v2 R-50 200 ep. Paper (ImageNet linear): 63.5 / 85.7.
-export ARCH=resnet34 RUN=${RUN:-runs/r34_moco200}
-exec bash "$(dirname "$0")/evaluate.sh" "$@"
+exec bash "$(dirname "$0")/evaluate.sh" bingo resnet34 moco200 "$@"

@@ -1,7 +1,3 @@
 #!/usr/bin/env bash
 # resnet34 student from MoCo v2 R-50, 800 ep (SPEC table: 66.1 / 87.2).
-set -euo pipefail
-export ARCH=resnet34 RUN=${RUN:-runs/r34_moco800}
-export TEACHER=${TEACHER:-checkpoints/moco_v2_800ep_pretrain.pth.tar} TEACHER_ARCH=resnet50
-export NEIGHBOURS=${NEIGHBOURS:-bags/moco_v2_800ep_k5.npy}   # from run_knn.sh with this teacher
-exec bash "$(dirname "$0")/distill.sh" "$@"
+exec bash "$(dirname "$0")/distill.sh" bingo resnet34 moco800 "$@"

@@ -1,4 +1,4 @@
-"""Reading teacher and student weights: the one loader used by every stage.
+"""Pretrained weights: teachers and students read from their checkpoints, the one loader of every stage.
 
 Supported layouts (keys may carry DistributedDataParallel's 'module.' prefix):
   moco         {'state_dict': {'module.encoder_q.<backbone>', 'module.encoder_q.fc.*'}, 'arch', ...}
@@ -7,10 +7,14 @@ Supported layouts (keys may carry DistributedDataParallel's 'module.' prefix):
                'module.prototypes.weight'}; the prototypes are not needed and are dropped.
   torchvision  plain backbone state dict (torchvision's layout; efficientnet_pytorch's for
                efficientnet_b0); the classifier (fc.* / classifier.* / _fc.*) is dropped.
-  bingo        this project's distillation checkpoint {'student': Embedder state dict, 'arch', ...}.
+  bingo        this project's distillation checkpoint {'student': Embedder state dict, 'arch', ...}
+               (utils/checkpoint.py, the home of its layout).
+`read_pretrained` reads a file once into a Weights record, `Weights.build` puts its tensors into a
+network, `load_pretrained` does both; `evaluated_backbone` is stage 3's backbone and its record.
 Every load is strict: a missing, unexpected or mis-shaped key is a CheckpointError, never skipped.
 """
 import dataclasses
+import os
 from collections.abc import Mapping
 from typing import Optional
 
@@ -35,11 +39,34 @@ _EXPECTED_LAYOUT = {
 @dataclasses.dataclass
 class Weights:
     """Tensors read from a checkpoint, renamed to this project's module names."""
+    path: str                   # the file, for messages
     fmt: str                    # the format the file was read as (never 'auto')
     backbone: dict              # torchvision names: 'conv1.weight', 'layer1.0.bn1.running_mean', ...
     head: dict                  # projection head, Sequential names ('0.weight', ...) or {} if none
     head_kind: Optional[str]    # 'moco', 'swav', 'linear' or None (no head in the file)
     arch: Optional[str] = None  # the architecture the file records, if it records one
+    origin: dict = dataclasses.field(default_factory=dict)  # a distillation run's record (run_origin)
+
+    def build(self, arch, with_head=False):
+        """Backbone `arch` with these weights; with_head: the Embedder (backbone -> the file's
+        projection head -> L2-normalise), as stage 2 needs its teacher. Returned as built;
+        freezing it is the caller's choice."""
+        recorded = f", the file records arch '{self.arch}'" if self.arch and self.arch != arch else ''
+        where = f"checkpoint {self.path} (format '{self.fmt}') into arch '{arch}'{recorded}"
+        backbone = build_backbone(arch)
+        _load_strict(backbone, self.backbone, 'backbone', where)
+        if not with_head:
+            return backbone
+        if self.head_kind is None:
+            # SPEC's teacher key is the output of the head the teacher was pretrained with; a pooled
+            # feature in its place would be another method, so a bare backbone teaches stage 1 only.
+            raise CheckpointError(f'{where}: the file has no projection head, so it cannot be the teacher of '
+                                  'stage 2 (main_distill.py needs the head the teacher was pretrained with: '
+                                  "a 'moco', 'swav' or 'bingo' checkpoint); a bare backbone (torchvision, DINO, "
+                                  'Barlow Twins releases) serves stage 1, knn_extract.py, only')
+        head = _build_head(self, backbone.feature_dim, where)
+        _load_strict(head, self.head, 'head', where)
+        return Embedder(backbone, head)
 
 
 def _preview(keys, shown=5):
@@ -58,7 +85,7 @@ def _tensor_dict(obj):
 def _model_state(obj, fmt):
     """The tensor dict holding the model in a checkpoint of format `fmt`, or None."""
     if fmt == 'bingo':
-        return _tensor_dict(obj.get('student'))
+        return _tensor_dict(checkpoint.student_weights(obj))
     # Training checkpoints wrap the model in 'state_dict'; released SwAV/torchvision files do not.
     state = _tensor_dict(obj.get('state_dict', obj))
     if fmt == 'moco' and state is not None and not any(k.startswith('encoder_q.') for k in state):
@@ -124,7 +151,7 @@ def _head_kind(head, path, fmt):
                           f'layout, keys: {_preview(sorted(head))}')
 
 
-def read_checkpoint(path, fmt='auto'):
+def read_pretrained(path, fmt='auto'):
     """Read `path` as checkpoint format `fmt` ('auto' detects it) into a Weights record."""
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown checkpoint format '{fmt}' for {path}; choose one of {', '.join(FORMATS)}")
@@ -143,7 +170,8 @@ def read_checkpoint(path, fmt='auto'):
                               f'{_EXPECTED_LAYOUT[fmt]}, found top-level keys {_preview(obj)}')
     backbone, head = _SPLITTERS[fmt](state)
     arch = obj.get('arch') if isinstance(obj.get('arch'), str) else None
-    return Weights(fmt, backbone, head, _head_kind(head, path, fmt), arch)
+    return Weights(os.fspath(path), fmt, backbone, head, _head_kind(head, path, fmt), arch,
+                   checkpoint.run_origin(obj))
 
 
 def _build_head(weights, feature_dim, where):
@@ -181,31 +209,25 @@ def _load_strict(module, state, part, where):
     module.load_state_dict(state, strict=True)
 
 
-def load_teacher(arch, path, fmt='auto', with_head=True):
-    """Backbone `arch` (+ the checkpoint's projection head) with the weights of `path`.
-
-    Returns an Embedder (backbone -> head -> L2-normalise), or the bare backbone when
-    with_head=False. The module is returned as built; freezing it is the caller's choice.
-    """
-    weights = read_checkpoint(path, fmt)
-    recorded = f", the file records arch '{weights.arch}'" if weights.arch and weights.arch != arch else ''
-    where = f"checkpoint {path} (format '{weights.fmt}') into arch '{arch}'{recorded}"
-    backbone = build_backbone(arch)
-    _load_strict(backbone, weights.backbone, 'backbone', where)
-    if not with_head:
-        return backbone
-    if weights.head_kind is None:
-        # SPEC's teacher key is the output of the head the teacher was pretrained with; a pooled
-        # feature in its place would be another method, so a bare backbone teaches stage 1 only.
-        raise CheckpointError(f'{where}: the file has no projection head, so it cannot be the teacher of '
-                              'stage 2 (main_distill.py needs the head the teacher was pretrained with: '
-                              "a 'moco', 'swav' or 'bingo' checkpoint); a bare backbone (torchvision, DINO, "
-                              'Barlow Twins releases) serves stage 1, knn_extract.py, only')
-    head = _build_head(weights, backbone.feature_dim, where)
-    _load_strict(head, weights.head, 'head', where)
-    return Embedder(backbone, head)
+def load_pretrained(arch, path, fmt='auto', with_head=False):
+    """Backbone `arch` with the weights of `path` (with_head: the Embedder, see Weights.build)."""
+    return read_pretrained(path, fmt).build(arch, with_head)
 
 
-def load_backbone(arch, path, fmt='auto'):
-    """The backbone alone (no head) of `path`, e.g. for stage 1 features or the linear probe."""
-    return load_teacher(arch, path, fmt, with_head=False)
+DEFAULT_ARCH = 'resnet18'  # stage 3's backbone when neither --arch nor the checkpoint names one
+
+
+def evaluated_backbone(pretrained, fmt='auto', arch=None):
+    """(backbone, source) of stage 3: the backbone of `pretrained`, read once, or for 'random'
+    `arch` at random initialisation (a baseline; torch's RNG draws it). `arch` defaults to the one
+    the file records, else DEFAULT_ARCH, and must agree with it when given. `source` is what a
+    result file records of the backbone: 'arch', 'pretrained' and the distillation run's origin."""
+    if pretrained == 'random':
+        arch = arch or DEFAULT_ARCH
+        return build_backbone(arch), {'arch': arch, 'pretrained': 'random', 'method': 'random init'}
+    weights = read_pretrained(pretrained, fmt)
+    if arch and weights.arch and arch != weights.arch:
+        raise CheckpointError(f"--arch='{arch}', but checkpoint {pretrained} records arch '{weights.arch}': "
+                              'leave --arch out or pass the one it records')
+    arch = arch or weights.arch or DEFAULT_ARCH
+    return weights.build(arch), {'arch': arch, 'pretrained': os.path.abspath(pretrained), **weights.origin}

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from data.transforms import MEAN, STD
+from utils.dist import to_device
 
 # The recipe of data.transforms.moco_v2_augmentation (tests/test_gpu_augment.py reads it back from there).
 CROP_SCALE = (0.2, 1.0)
@@ -134,13 +135,6 @@ def _resampling_weights(start, length, in_size, out_size, resized=None, offset=N
     return weight.div_(weight.sum(2, keepdim=True))
 
 
-def _on(device, tensor):
-    """A CPU tensor on `device` without a host sync (pinned memory on CUDA)."""
-    if device.type == 'cuda':
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
-
-
 # Resampling on CUDA runs in fp16 on tensor cores: pixels 0..255 are exact in fp16, the weights
 # round by 2^-11 relative and the results (< 256) by 2^-5 absolute. Error against the fp32 path:
 # first pass 255 * 2^-11 + 2^-4, second pass that plus 255 * 2^-11 + 2^-4, at most 0.38 grey levels
@@ -203,16 +197,16 @@ def resized_crops(images, boxes, flip, size, views_per_image=1, max_elements=2**
         pixels = _stacked([images[n] for n in group], dtype)                  # (n, H, 3, W)
         n, height, _, width = pixels.shape
         views = (torch.tensor(group)[:, None] * k + torch.arange(k)).view(-1)
-        box = _on(device, boxes[views])
-        geometry = [None if g is None else _on(device, g[views]) for g in (resized, offset)]
+        box = to_device(boxes[views], device)
+        geometry = [None if g is None else to_device(g[views], device) for g in (resized, offset)]
         rows = _resampling_weights(box[:, 0], box[:, 2], height, size,   # (n*k, S, H)
                                    *[None if g is None else g[:, 0] for g in geometry]).to(dtype)
         cols = _resampling_weights(box[:, 1], box[:, 3], width, size,    # (n*k, S, W)
                                    *[None if g is None else g[:, 1] for g in geometry])
-        cols = torch.where(_on(device, flip[views])[:, None, None], cols.flip(1), cols).to(dtype)
+        cols = torch.where(to_device(flip[views], device)[:, None, None], cols.flip(1), cols).to(dtype)
         tall = torch.bmm(rows.view(n, k * size, height), pixels.view(n, height, 3 * width))
         small = torch.bmm(tall.view(n * k, size * 3, width), cols.transpose(1, 2))  # (n*k, S*3, S)
-        out[_on(device, torch.tensor(group))] = (
+        out[to_device(torch.tensor(group), device)] = (
             small.view(n, k, size, 3, size).permute(0, 1, 3, 2, 4).float().div_(scale))
     return out.view(-1, 3, size, size)
 
@@ -335,9 +329,9 @@ def augment(images, params, size, views_per_image=1):
     grayscale, blur, normalisation.
     """
     device = images[0].device
-    p = ViewParams(**{f.name: _on(device, getattr(params, f.name)) for f in fields(params)})
+    p = ViewParams(**{f.name: to_device(getattr(params, f.name), device) for f in fields(params)})
     x = resized_crops(images, params.boxes, params.flip, size, views_per_image)
-    kernel = _on(device, blur_kernels(params.sigma).float())
+    kernel = to_device(blur_kernels(params.sigma).float(), device)
     return _finishing(device)(x, p.jitter, p.factors, p.order, p.gray, p.blur, kernel)
 
 

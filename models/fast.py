@@ -19,6 +19,8 @@ import contextlib
 import torch
 import torch.nn as nn
 
+from utils import dist
+
 # Relative difference of the loss allowed between the bf16 fast mode and the fp32 reference on the
 # same inputs and weights (tests/test_fast_step.py, benchmarks/). Measured on CPU at random init:
 # resnet18 <- resnet18, 32 px, batch 8, K = 4096, 8 seeds: at most 1.2e-3; resnet18 <- resnet50,
@@ -85,14 +87,6 @@ def batch_norm_views(module: nn.Module, views: int):
             layer.views = 1
 
 
-def _to_device(value, device):
-    """A step input on `device` without a host sync: CPU tensors go through pinned memory."""
-    value = torch.as_tensor(value)
-    if device.type == 'cuda' and value.device.type == 'cpu':
-        return value.pin_memory().to(device, non_blocking=True)
-    return value.to(device)
-
-
 class TrainStep:
     """main_distill's training step: forward (with the queue push), backward, SGD step.
 
@@ -131,13 +125,12 @@ class TrainStep:
         moved = {}
         for key, value in inputs.items():
             if isinstance(value, dict):
-                moved[key] = {k: _to_device(v, self.device) for k, v in value.items()}
+                moved[key] = {k: dist.to_device(v, self.device) for k, v in value.items()}
             else:
-                moved[key] = _to_device(value, self.device)
+                moved[key] = dist.to_device(value, self.device)
         return moved
 
     def _manual_step(self, views, inputs):
-        from utils import dist  # models.fast has no other dependency on the process group
         dist.broadcast_buffers(self.model)
         loss, accuracy = self.model(*views, **inputs)
         loss.backward()

@@ -50,6 +50,15 @@ def init_distributed(device: str = 'auto') -> DistInfo:
     return DistInfo(rank, world_size, local_rank, local_world_size, dev)
 
 
+def to_device(value, device: torch.device) -> torch.Tensor:
+    """`value` (a tensor or anything torch.as_tensor takes) on `device` without a host sync: a CPU
+    tensor bound for CUDA goes through pinned memory (a pageable copy would wait for the stream)."""
+    value = torch.as_tensor(value)
+    if device.type == 'cuda' and value.device.type == 'cpu':
+        return value.pin_memory().to(device, non_blocking=True)
+    return value.to(device)
+
+
 def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
 

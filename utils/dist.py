@@ -82,6 +82,9 @@ def barrier():
 
 def cleanup():
     if is_dist():
+        # Every rank past its last collective before any closes its connections: a gloo peer that
+        # closes early can abort the other mid-teardown (seen once, SIGABRT, in a 2-process test).
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -23,7 +23,7 @@ from absl import app, flags
 from data.folder import ImageFolder
 from data.jpeg_bags import training_dataset, views_on_device
 from data.neighbours import FORMATS as NEIGHBOUR_FORMATS, load_neighbours
-from data.transforms import moco_v2_augmentation
+from data.transforms import AUGMENTATIONS
 from models import ARCHS, build_student, load_pretrained
 from models.distill import build_training_module, student_optimizer
 from models.fast import TrainStep
@@ -67,12 +67,15 @@ flags.DEFINE_float('weight_decay', 1e-4, 'SGD weight decay (4e-5 for EfficientNe
 flags.DEFINE_float('momentum', 0.9, 'SGD momentum.', flag_values=FLAGS)
 flags.DEFINE_float('temperature', 0.2, 'Contrast temperature (0.12 for EfficientNet-B0); the student\'s '
                    'temperature for seed, MoCo\'s for disco.', flag_values=FLAGS)
-flags.DEFINE_integer('queue_size', 65536, 'K, the number of teacher keys in the queue.', flag_values=FLAGS)
+flags.DEFINE_integer('queue_size', 65536, 'K, the number of teacher keys in the queue (0: none, with '
+                     '--method=moco --moco_batch_keys).', flag_values=FLAGS)
 flags.DEFINE_list('lam', ['0.5', '0.5'], '(l_self, l_cross) weights after warm-up.', flag_values=FLAGS)
 flags.DEFINE_integer('warmup_epochs', 11,
                      'Epochs trained with lam=(1, 0) first (released: while epoch <= 10).', flag_values=FLAGS)
 flags.DEFINE_float('moco_momentum', 0.999, 'Momentum of the MoCo key encoder (--method=moco, disco).',
                    flag_values=FLAGS)
+flags.DEFINE_bool('moco_batch_keys', False, 'MoCo: the batch\'s other keys are negatives beside the queue '
+                  '(MoCo v3); off: MoCo v2, the queue alone.', flag_values=FLAGS)
 flags.DEFINE_float('seed_teacher_temperature', 1e-4, 'Temperature of the teacher\'s similarity '
                    'distribution (--method=seed; SEED\'s released --distill-t).', flag_values=FLAGS)
 flags.DEFINE_float('disco_weight', 32.0, 'Weight of DisCo\'s consistency term per sample and view '
@@ -82,6 +85,9 @@ flags.DEFINE_integer('student_hidden_dim', None, 'Hidden width of the student\'s
                      'backbone\'s feature width. Default: the method\'s release (2048; seed 0).', flag_values=FLAGS)
 flags.DEFINE_float('crop_min_scale', 0.2, 'Smallest area share of the RandomResizedCrop of the views '
                    '(MoCo v2: 0.2; SEED\'s release with a SwAV teacher: 0.14).', flag_values=FLAGS)
+flags.DEFINE_enum('augmentation', 'moco_v2', list(AUGMENTATIONS), 'moco_v2: the released views; greyscale: '
+                  'crop, flip and brightness/contrast only, for small greyscale images (the Fashion-MNIST '
+                  'demo; --data_pipeline=cpu).', flag_values=FLAGS)
 flags.DEFINE_integer('image_size', 224, 'Crop size of the augmented views.', flag_values=FLAGS)
 flags.DEFINE_integer('workers', 8, 'DataLoader workers per process.', flag_values=FLAGS)
 flags.DEFINE_enum('data_pipeline', 'cpu', ['cpu', 'gpu'],
@@ -114,7 +120,8 @@ flags.mark_flags_as_required(['data_dir', 'output_dir'], flag_values=FLAGS)
 RUN_FLAGS = ('data_dir', 'method', 'arch', 'neighbours', 'teacher', 'teacher_arch', 'teacher_bn', 'bag_loss',
              'epochs', 'batch_size', 'lr', 'weight_decay', 'momentum', 'temperature', 'queue_size', 'lam',
              'warmup_epochs', 'moco_momentum', 'image_size', 'seed', 'neighbours_format', 'clus_pos_num',
-             'seed_teacher_temperature', 'disco_weight', 'student_hidden_dim', 'crop_min_scale')
+             'seed_teacher_temperature', 'disco_weight', 'student_hidden_dim', 'crop_min_scale',
+             'augmentation', 'moco_batch_keys')
 HOW_FLAGS = ('output_dir', 'resume', 'teacher_format', 'workers', 'data_pipeline', 'precision', 'channels_last',
              'fast_views', 'compile', 'cudnn_benchmark', 'cuda_graphs', 'fast', 'save_freq', 'report_freq',
              'device')
@@ -139,12 +146,18 @@ def checked(args, world_size, device):
     if args.queue_size % args.batch_size:
         raise app.UsageError(f'--queue_size={args.queue_size} must be a multiple of the global '
                              f'--batch_size={args.batch_size}')
+    if args.queue_size == 0 and not (args.method == 'moco' and args.moco_batch_keys):
+        raise app.UsageError('--queue_size=0 leaves no negatives: it needs --method=moco --moco_batch_keys, '
+                             'whose negatives are the batch\'s other keys')
     if args.method == 'bingo' and not (args.teacher and args.neighbours):
         raise app.UsageError('--method=bingo needs --teacher and --neighbours')
     if args.method in ('seed', 'disco') and not args.teacher:
         raise app.UsageError(f'--method={args.method} needs --teacher')
     if args.method != 'bingo' and args.fast_views:
         raise app.UsageError(f'--fast_views applies to --method=bingo, not {args.method}')
+    if args.data_pipeline == 'gpu' and args.augmentation != 'moco_v2':
+        raise app.UsageError(f'--data_pipeline=gpu draws the released MoCo v2 views; --augmentation='
+                             f'{args.augmentation} needs --data_pipeline=cpu')
     if args.cuda_graphs and device.type != 'cuda':
         raise app.UsageError(f'--cuda_graphs needs a CUDA device, not {device}')
     unset = {name: value for name, value in METHOD_DEFAULTS[args.method].items() if getattr(args, name) is None}
@@ -189,7 +202,7 @@ def build(args, speed, folder):
     model = build_training_module(
         args.method, student, teacher, queue_size=args.queue_size, temperature=args.temperature,
         bag_loss=args.bag_loss, lam=tuple(float(v) for v in args.lam), warmup_epochs=args.warmup_epochs,
-        teacher_bn=args.teacher_bn, moco_momentum=args.moco_momentum,
+        teacher_bn=args.teacher_bn, moco_momentum=args.moco_momentum, moco_batch_keys=args.moco_batch_keys,
         seed_teacher_temperature=args.seed_teacher_temperature, disco_weight=args.disco_weight,
         precision=speed.precision, channels_last=speed.channels_last, fast_views=speed.fast_views,
         compile_backend='inductor' if args.compile else None)
@@ -198,7 +211,7 @@ def build(args, speed, folder):
         neighbours = load_neighbours(args.neighbours, len(folder), folder.fingerprint(), args.neighbours_format,
                                      args.clus_pos_num, report=print if dist.is_main() else None)
     dataset = training_dataset(folder, neighbours, args.data_pipeline,
-                               moco_v2_augmentation(args.image_size, args.crop_min_scale))
+                               AUGMENTATIONS[args.augmentation](args.image_size, args.crop_min_scale))
     return model, dataset
 
 
@@ -257,6 +270,10 @@ def run(args):
     if len(folder) // info.world_size < args.batch_size // info.world_size:
         raise app.UsageError(f'--batch_size={args.batch_size} exceeds the {len(folder)} images of '
                              f'{folder.root}: an epoch would have no full batch to train on')
+    if args.queue_size >= len(folder):
+        raise app.UsageError(f'--queue_size={args.queue_size} is not below the {len(folder)} images of '
+                             f'{folder.root}: the queue would hold an older key of every image, so each '
+                             'positive would also be one of its own negatives')
     model, dataset = build(args, speed, folder)
     model.to(info.device)
     optimizer = student_optimizer(model, args.lr, args.momentum, args.weight_decay)

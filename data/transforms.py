@@ -54,6 +54,23 @@ def moco_v2_augmentation(image_size=224, min_scale=0.2):
     ])
 
 
+def greyscale_augmentation(image_size=224, min_scale=0.2):
+    """Stage 2 views of small greyscale images (the Fashion-MNIST demo): MoCo v2's crop, flip and
+    brightness/contrast jitter. Its saturation and hue jitter and random grayscale do nothing to a
+    grey image, and its blur (sigma up to 2 px) erases most of a 28 px one, so they are left out."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(image_size, scale=(min_scale, 1.0)),
+        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4)], p=0.8),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(MEAN, STD),
+    ])
+
+
+# --augmentation of main_distill.py: how the views of stage 2 are drawn.
+AUGMENTATIONS = {'moco_v2': moco_v2_augmentation, 'greyscale': greyscale_augmentation}
+
+
 def linear_train_transform(image_size=224):
     """Stage 3 training split of the linear probe."""
     return transforms.Compose([

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from data.cutmix import cutmix, cutmix_box
 from models.fast import batch_norm_views, per_view_batch_norm
-from models.loss import bingo_loss, bingo_paper_loss, contrast_accuracy, disco_loss, moco_loss, seed_loss
+from models.loss import (batch_keys_accuracy, bingo_loss, bingo_paper_loss, contrast_accuracy, disco_loss,
+                         moco_batch_keys_loss, moco_loss, seed_loss)
 from utils import dist
 
 
@@ -31,7 +32,10 @@ class KeyQueue(nn.Module):
     @torch.no_grad()
     def push(self, keys: torch.Tensor):
         """Overwrite the oldest rows with `keys` (the global batch). K is a multiple of its size
-        (checked at start), so a batch never wraps; the pointer stays on the device (no sync)."""
+        (checked at start), so a batch never wraps; the pointer stays on the device (no sync).
+        K = 0 (MoCo with the batch's keys alone) keeps nothing."""
+        if not len(self.keys):
+            return
         rows = self.ptr + torch.arange(keys.shape[0], device=keys.device)
         self.keys.index_copy_(0, rows, keys.to(self.keys.dtype))
         self.ptr.copy_((self.ptr + keys.shape[0]) % self.keys.shape[0])
@@ -230,15 +234,22 @@ class BingoDistiller(_Contrastive):
 
 
 class MoCo(_Contrastive):
-    """MoCo v2 from scratch: the teacher is a momentum copy of the student, one positive, no bags."""
+    """MoCo v2 from scratch: the teacher is a momentum copy of the student, one positive, no bags.
+
+    batch_keys: the batch's other keys are negatives too (MoCo v3). MoCo v2 contrasts with the queue
+    alone, whose keys all come from older key encoders than the positive's; in a run of a few hundred
+    steps the encoder changes fast enough for that age to give the positive away (the Fashion-MNIST
+    demo's short runs collapse to a loss of log(K + 1) without them).
+    """
 
     trained_parts = ('student', 'queue', 'teacher')  # the teacher follows the student by momentum
 
     def __init__(self, student, queue_size=65536, temperature=0.2, momentum=0.999,
-                 precision='fp32', channels_last=False):
+                 precision='fp32', channels_last=False, batch_keys=False):
         super().__init__(student, copy.deepcopy(student), queue_size, temperature, 'train',
                          precision, channels_last)
         self.momentum = momentum
+        self.batch_keys = batch_keys
 
     def draw(self, batch_size, image_size):
         """The step's random draw: the shuffle of the keys across the node (see BingoDistiller.draw)."""
@@ -253,9 +264,15 @@ class MoCo(_Contrastive):
         s_query = self._run(self.student, query)
         momentum_update(self.teacher, self.student, self.momentum)
         t_key = self._teacher(key, draws['key_perm'])
-        loss = moco_loss(s_query, t_key, queue, self.temperature)
-        accuracy = contrast_accuracy(s_query, t_key, queue)
-        self.queue.push(dist.all_gather_cat(t_key))
+        keys = dist.all_gather_cat(t_key)  # (global batch, D)
+        if self.batch_keys:
+            own_rows = dist.get_rank() * t_key.shape[0] + torch.arange(t_key.shape[0], device=t_key.device)
+            loss = moco_batch_keys_loss(s_query, keys, own_rows, queue, self.temperature)
+            accuracy = batch_keys_accuracy(s_query, keys, own_rows, queue)
+        else:
+            loss = moco_loss(s_query, t_key, queue, self.temperature)
+            accuracy = contrast_accuracy(s_query, t_key, queue)
+        self.queue.push(keys)
         return loss, accuracy
 
 
@@ -341,8 +358,8 @@ class DisCo(_Contrastive):
 
 def build_training_module(method, student, teacher=None, *, queue_size=65536, temperature=0.2,
                           bag_loss='released', lam=(0.5, 0.5), warmup_epochs=11, teacher_bn='train',
-                          moco_momentum=0.999, seed_teacher_temperature=1e-4, disco_weight=32.0,
-                          precision='fp32', channels_last=False, fast_views=False, compile_backend=None):
+                          moco_momentum=0.999, moco_batch_keys=False, seed_teacher_temperature=1e-4,
+                          disco_weight=32.0, precision='fp32', channels_last=False, fast_views=False, compile_backend=None):
     """main_distill's training module, BINGO, MoCo v2, SEED or DisCo (`method`), with its speed
     options; each method takes the arguments its class names. The step benchmark builds it here
     too, so it times the trainer's own code.
@@ -354,7 +371,7 @@ def build_training_module(method, student, teacher=None, *, queue_size=65536, te
         raise ValueError(f'fast_views applies to method=bingo, not {method}')
     if method == 'moco':
         model = MoCo(student, queue_size=queue_size, temperature=temperature, momentum=moco_momentum,
-                     precision=precision, channels_last=channels_last)
+                     precision=precision, channels_last=channels_last, batch_keys=moco_batch_keys)
     elif method == 'seed':
         model = SEED(student, teacher, queue_size=queue_size, temperature=temperature,
                      teacher_temperature=seed_teacher_temperature, teacher_bn=teacher_bn, precision=precision,

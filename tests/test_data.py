@@ -18,7 +18,7 @@ from data.bags import BagDataset, TwoViewDataset, draw_neighbour
 from data.folder import (UNREADABLE, DataError, ImageFolder, MarkUnreadable, check_same_classes,
                          unreadable_error, unreadable_images)
 from data.neighbours import NeighbourFileError, bag_precision, load_neighbours, save_neighbours
-from data.transforms import (MEAN, STD, GaussianBlur, eval_transform, linear_train_transform,
+from data.transforms import (AUGMENTATIONS, MEAN, STD, GaussianBlur, eval_transform, linear_train_transform,
                              moco_v2_augmentation)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -210,6 +210,18 @@ def test_augmentations_are_random_and_follow_torch_seed_only():
         random.seed(2)
         assert torch.equal(augmentation(img), a)
         assert a.shape == (3, 24, 24) and not torch.equal(a, b)
+
+
+def test_greyscale_views_keep_grey_images_grey_and_vary_crop_and_contrast():
+    torch.manual_seed(0)
+    grey = Image.fromarray(np.random.default_rng(1).integers(0, 256, (28, 28), dtype=np.uint8)).convert('RGB')
+    views = torch.stack([AUGMENTATIONS['greyscale'](28, 0.2)(grey) for _ in range(16)])
+    assert views.shape == (16, 3, 28, 28)
+    # no hue or saturation jitter: the three channels stay one grey value (before Normalize)
+    pixels = views * torch.tensor(STD)[:, None, None] + torch.tensor(MEAN)[:, None, None]
+    assert (pixels - pixels.mean(dim=1, keepdim=True)).abs().max() < 1e-5
+    assert len({round(v.std().item(), 4) for v in pixels}) > 8  # crops and contrast differ view to view
+    assert set(AUGMENTATIONS) == {'moco_v2', 'greyscale'} and AUGMENTATIONS['moco_v2'] is moco_v2_augmentation
 
 
 def test_gaussian_blur_draws_sigma_in_range_with_torch():

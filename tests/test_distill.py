@@ -7,6 +7,7 @@ import socket
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 
 from data.folder import ImageFolder
@@ -47,6 +48,20 @@ def test_paper_loss_is_both_views_against_the_teacher_anchor_key():
     with torch.no_grad():
         expected = bingo_paper_loss(student(anchor), student(neighbour), teacher(anchor_key), queue)
     assert torch.allclose(loss, expected, atol=1e-6)
+
+
+def test_moco_with_the_batch_keys_alone_contrasts_each_query_with_the_batch():
+    torch.manual_seed(0)
+    model = MoCo(build_student('resnet18'), queue_size=0, momentum=0.0, batch_keys=True).train()
+    query, key = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    loss, _ = model(query, key)
+    # momentum 0: the key encoder is the student itself (its BatchNorm over the key batch)
+    with torch.no_grad():
+        s, t = model.student(query), model.teacher(key)
+    expected = F.cross_entropy(s @ t.t() / model.temperature, torch.arange(4))
+    assert torch.allclose(loss, expected, atol=1e-5) and model.queue.keys.shape == (0, 128)
+    loss.backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
 
 
 def test_moco_teacher_follows_the_student_by_momentum():
@@ -138,10 +153,10 @@ def test_resuming_with_flags_that_change_the_run_is_refused(tiny_folder, bingo_i
     teacher, bags = bingo_inputs
     out = str(tmp_path / 'changed')
     shutil.copytree(two_process_run[0], out)
-    result = distill(tiny_folder, out, teacher=teacher, neighbours=bags, lr=0.1, queue_size=32, workers=1,
+    result = distill(tiny_folder, out, teacher=teacher, neighbours=bags, lr=0.1, queue_size=8, workers=1,
                      resume='auto')
     assert result.returncode == 1 and len(result.stderr.splitlines()) == 1
-    assert '--lr: 0.03 -> 0.1; --queue_size: 16 -> 32' in result.stderr
+    assert '--lr: 0.03 -> 0.1; --queue_size: 16 -> 8' in result.stderr
     assert '--workers' not in result.stderr  # how a run runs may change
 
 
@@ -177,6 +192,8 @@ def test_moco_method_trains_from_scratch_with_the_device_data_pipeline(tiny_fold
     (dict(queue_size=12), '--queue_size=12 must be a multiple'),
     (dict(neighbours=None), '--method=bingo needs --teacher and --neighbours'),
     (dict(batch_size=32, queue_size=32), '--batch_size=32 exceeds the 24 images'),
+    (dict(queue_size=24), '--queue_size=24 is not below the 24 images'),  # each key its own negative
+    (dict(queue_size=0), '--queue_size=0 leaves no negatives'),
 ])
 def test_bad_flags_are_refused(tiny_folder, bingo_inputs, tmp_path, flags, message):
     teacher, bags = bingo_inputs

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from models import bingo_loss
-from models.loss import bingo_paper_loss, contrast_accuracy, disco_loss, moco_loss, seed_loss
+from models.loss import (batch_keys_accuracy, bingo_paper_loss, contrast_accuracy, disco_loss, moco_batch_keys_loss,
+                         moco_loss, seed_loss)
 
 
 def unit(*shape):
@@ -65,6 +66,31 @@ def test_paper_and_moco_losses_equal_hand_computation():
     assert abs(paper - expected) < 1e-9
     moco = moco_loss(s_a, t_a, queue, temperature=0.2).item()
     assert abs(moco - sum(hand_ce(s_a[b], t_a[b], queue, 0.2) for b in range(3)) / 3) < 1e-9
+
+
+def test_moco_batch_keys_loss_equals_hand_computation():
+    # Rank 1 of 2: its 3 queries' positives are rows 3..5 of the 6 gathered keys; the other 5 keys
+    # and the queue are negatives.
+    torch.manual_seed(3)
+    queries, keys, queue = unit(3, 8), unit(6, 8), unit(4, 8)
+    own_rows = torch.tensor([3, 4, 5])
+    loss = moco_batch_keys_loss(queries, keys, own_rows, queue, temperature=0.2).item()
+    expected = 0.0
+    for b in range(3):
+        logits = [float(queries[b] @ k) / 0.2 for k in (*keys, *queue)]
+        expected += -math.log(math.exp(logits[3 + b]) / sum(math.exp(v) for v in logits)) / 3
+    assert abs(loss - expected) < 1e-9
+    # Without batch keys besides its own, it is MoCo v2's loss.
+    alone = moco_batch_keys_loss(queries[:1], keys[3:4], torch.tensor([0]), queue, 0.2)
+    assert abs(alone.item() - moco_loss(queries[:1], keys[3:4], queue, 0.2).item()) < 1e-12
+
+
+def test_batch_keys_accuracy_ranks_the_own_key_among_the_batch_and_queue():
+    eye = torch.eye(5, dtype=torch.float64)
+    keys, queue = eye[[0, 1, 2]], eye[[3]]  # query 0's key wins; query 1's loses to the queue key
+    queries = torch.stack([eye[0], eye[3] + 0.5 * eye[1]])
+    acc1, acc5 = batch_keys_accuracy(queries, keys, torch.tensor([0, 1]), queue)
+    assert acc1.item() == 50.0 and acc5.item() == 100.0
 
 
 def test_contrast_accuracy_counts_the_positive_rank():

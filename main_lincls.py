@@ -64,6 +64,9 @@ flags.DEFINE_float('min_lr', None, 'Classifier learning rate the cosine ends at;
                    '0.001 for EfficientNet-B0) or 0 (finetune). The backbone\'s ends at the same fraction '
                    'of --backbone_lr.', flag_values=FLAGS)
 flags.DEFINE_float('weight_decay', 0.0, 'SGD weight decay.', flag_values=FLAGS)
+flags.DEFINE_bool('normalise_features', False, 'L2-normalise the pooled features before the Linear: one --lr '
+                  'then fits networks whose features differ in scale, an untrained one\'s too (the '
+                  'Fashion-MNIST demo); off, as released.', flag_values=FLAGS)
 flags.DEFINE_float('momentum', 0.9, 'SGD momentum.', flag_values=FLAGS)
 flags.DEFINE_integer('image_size', 224, 'Crop size; validation resizes to size*256/224 first.', flag_values=FLAGS)
 flags.DEFINE_integer('seed', 0, 'Seed; each epoch reseeds from (seed, epoch, rank).', flag_values=FLAGS)
@@ -223,6 +226,9 @@ def load_probe(args, path, classifier, optimizer, digest, train_folder):
     if key not in state:
         raise app.UsageError(f'{path} was trained with --protocol={state.get("protocol", "linear")}, '
                              f'not --protocol={args.protocol}')
+    normalised = state.get('flags', {}).get('normalise_features', False)
+    if normalised != args.normalise_features:
+        raise app.UsageError(f'{path} was trained with --normalise_features={normalised}: pass the same')
     if state.get('arch') != args.arch or state.get('classes') != classes:
         raise app.UsageError(f'probe checkpoint {path} is a probe of a {state.get("arch")} over '
                              f'{len(state.get("classes") or [])} classes, not --arch={args.arch} over '
@@ -257,7 +263,8 @@ def run(args):
     backbone, source = evaluated_backbone(args.pretrained, args.pretrained_format, args.arch)
     args = args.replace(arch=source['arch'])
     train_folder = labelled_split(args, all_train)
-    classifier = LinearClassifier(backbone, len(train_folder.classes), frozen=args.protocol == 'linear')
+    classifier = LinearClassifier(backbone, len(train_folder.classes), frozen=args.protocol == 'linear',
+                                  normalise=args.normalise_features)
     digest = classifier.backbone_digest()  # of the weights as loaded
     classifier.to(info.device)
     optimizer = build_optimizer(args, classifier)

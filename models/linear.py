@@ -4,6 +4,7 @@ import hashlib
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class LinearClassifier(nn.Module):
@@ -14,11 +15,15 @@ class LinearClassifier(nn.Module):
     normalises with, and never updates, its running statistics. Only `.linear` has anything to learn.
     Not frozen (fine-tuning): backbone and classifier train together, the backbone's BatchNorm in
     train mode (batch statistics, running statistics updated), as fine-tuning on few labels is done.
+
+    normalise: the pooled features are L2-normalised before the Linear, so that one lr fits networks
+    whose features differ in scale by orders of magnitude (an untrained network's are in the
+    hundreds); off, as released.
     """
 
-    def __init__(self, backbone, num_classes, frozen=True):
+    def __init__(self, backbone, num_classes, frozen=True, normalise=False):
         super().__init__()
-        self.frozen = frozen
+        self.frozen, self.normalise = frozen, normalise
         self.backbone = backbone.requires_grad_(not frozen).eval()
         self.linear = nn.Linear(backbone.feature_dim, num_classes)
         nn.init.normal_(self.linear.weight, mean=0.0, std=0.01)
@@ -31,10 +36,9 @@ class LinearClassifier(nn.Module):
         return self
 
     def features(self, images):  # (B, 3, H, W) -> (B, d)
-        if not self.frozen:
-            return self.backbone(images)
-        with torch.no_grad():
-            return self.backbone(images)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            features = self.backbone(images)
+        return F.normalize(features, dim=1) if self.normalise else features
 
     def forward(self, images):  # (B, 3, H, W) -> (B, classes) logits
         return self.linear(self.features(images))

@@ -94,6 +94,7 @@ def outcomes(data_dir, moco_run, scratch):
         'other architecture': [data, student, '--arch=resnet34', f'--output_dir={tmp / "b"}'],
         'val classes differ': [f'--data_dir={renamed}', student, f'--output_dir={tmp / "c"}'],
         'no saved probe': [data, student, '--evaluate', f'--output_dir={tmp / "d"}'],
+        'normalised otherwise': [*evaluate_args(data_dir, moco_run), '--normalise_features'],
         'probe of another backbone': [data, f'--pretrained={other_backbone}', '--evaluate',
                                       f'--output_dir={moco_run / "lincls"}'],
     }
@@ -129,6 +130,18 @@ def test_probe_of_a_few_moco_steps_learns_and_leaves_the_backbone_untouched(data
     with torch.no_grad():
         accuracy = (probe.eval()(val_images).argmax(dim=1) == val_targets).float().mean()
     assert accuracy > 0.6  # chance: 1/3
+
+
+def test_normalised_probe_sees_unit_features_whatever_their_scale():
+    torch.manual_seed(0)
+    backbone = build_backbone('resnet18')
+    images = torch.randn(4, 3, 32, 32)
+    plain, normalised = LinearClassifier(backbone, 3), LinearClassifier(backbone, 3, normalise=True)
+    with torch.no_grad():
+        raw, unit = plain.features(images), normalised.features(images)
+        assert torch.allclose(unit.norm(dim=1), torch.ones(4), atol=1e-6)
+        assert torch.allclose(unit, raw / raw.norm(dim=1, keepdim=True), atol=1e-6)
+        assert raw.norm(dim=1).min() > 10  # an untrained network's scale, the reason for the option
 
 
 def test_digest_names_a_changed_buffer():
@@ -272,3 +285,5 @@ def test_bad_inputs_are_clear_errors(outcomes):
     assert kind == 'UsageError' and '--evaluate needs a saved probe' in message
     kind, message = outcomes['probe of another backbone']
     assert kind == 'UsageError' and 'not the backbone the probe' in message
+    kind, message = outcomes['normalised otherwise']
+    assert kind == 'UsageError' and 'was trained with --normalise_features=False' in message

@@ -1,68 +1,109 @@
 #!/usr/bin/env bash
 # The embedded default: the whole BINGO pipeline on real Fashion-MNIST, from a fresh clone.
-#   1. teacher   main_distill.py --method=moco pretrains a ResNet-18 teacher (self-supervised)
-#   2. bags      knn_extract.py builds its k=5 neighbour bags (prints bag precision)
-#   3. student   main_distill.py distils a student from the teacher with BINGO
-#   4. baseline  the same student trained by MoCo v2 alone for the same epochs
-#   5. eval      main_lincls.py linear probe and eval_knn.py kNN top-1 of teacher, both students, random init
-#   6. report    $RUN/results.md and $RUN/bags.png
-# The same scripts and flags as the ImageNet runs, scaled to 2 CPU cores: 32 px crops, a class-
-# balanced subset, short schedules, a queue sized to the data. Scale up with environment variables,
-# e.g. on a GPU: TRAIN_PER_CLASS=6000 TEACHER_EPOCHS=100 STUDENT_EPOCHS=50 bash scripts/fashion_mnist.sh
+#   1. teacher   main_distill.py --method=moco trains a ResNet-18 teacher, self-supervised, for
+#                TEACHER_EPOCHS (longer than any student); trained once and kept, with its bags, in
+#                $TEACHERS/<hash of its settings>/ for later runs
+#   2. bags      knn_extract.py: its k=5 neighbour bags (bag precision and the teacher's sha256 in
+#                the sidecar)
+#   then for each seed of SEEDS (comma-separated; default 0):
+#   3. students  from the teacher, STUDENT_EPOCHS each: BINGO, and the peers SEED and DisCo
+#   4. baseline  the same student by MoCo alone, with as many student passes as BINGO's (BINGO makes
+#                three per image: anchor, neighbour and CutMix views; MoCo one): 3 x STUDENT_EPOCHS
+#   5. eval      eval_knn.py kNN top-1 and main_lincls.py linear probe of the teacher, every student
+#                and the student at random init
+#   6. report    $RUN/results.md (mean +- std over the seeds, and which claims held in how many
+#                seeds), $RUN/seed<S>/results.md, $RUN/bags.png
+# The same scripts as the ImageNet runs, with flags for 28 px greyscale images on 2 CPU cores:
+# ResNet-18 on 28 px (torchvision's stem: the cheapest), crop/flip/brightness/contrast views, a
+# queue below the 4 000 images, MoCo with the batch's keys as negatives (MoCo v2's queue alone
+# collapses in runs this short), a probe on L2-normalised features (one lr fits every network).
+# Every size is an environment variable; GPU=1 the one-GPU setting.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
 PY=.venv/bin/python
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 
-SEED=${SEED:-0}
-DATA=${DATA:-datasets/fashion_mnist_${TRAIN_PER_CLASS:-400}}
-RUN=${RUN:-runs/fashion_mnist_seed${SEED}}
+if [ "${GPU:-0}" = 1 ]; then  # one GPU, all 60 000 images (not yet run)
+  : "${TRAIN_PER_CLASS:=6000}" "${VAL_PER_CLASS:=1000}" "${QUEUE:=16384}" "${TEACHER_EPOCHS:=60}"
+  : "${STUDENT_EPOCHS:=10}" "${PROBE_EPOCHS:=10}" "${WORKERS:=14}" "${DEVICE:=cuda}"
+fi
+SEEDS=${SEEDS:-${SEED:-0}}
 TRAIN_PER_CLASS=${TRAIN_PER_CLASS:-400}   # of 6000 per class
-VAL_PER_CLASS=${VAL_PER_CLASS:-100}       # of 1000 per class
-TEACHER_ARCH=${TEACHER_ARCH:-resnet18}
-STUDENT_ARCH=${STUDENT_ARCH:-resnet18}
-TEACHER_EPOCHS=${TEACHER_EPOCHS:-5}
-STUDENT_EPOCHS=${STUDENT_EPOCHS:-2}
+VAL_PER_CLASS=${VAL_PER_CLASS:-500}       # of 1000 per class: a steadier top-1 than 100
+DATA=${DATA:-datasets/fashion_mnist_${TRAIN_PER_CLASS}_${VAL_PER_CLASS}}
+RUN=${RUN:-runs/fashion_mnist}
+TEACHERS=${TEACHERS:-runs/fashion_mnist_teachers}  # one folder per teacher setting, kept between runs
+ARCH=${ARCH:-resnet18}
+TEACHER_EPOCHS=${TEACHER_EPOCHS:-25}
+STUDENT_EPOCHS=${STUDENT_EPOCHS:-3}
+MOCO_EPOCHS=${MOCO_EPOCHS:-$(( 3 * STUDENT_EPOCHS ))}  # as many student passes as BINGO's
 PROBE_EPOCHS=${PROBE_EPOCHS:-3}
-BATCH=${BATCH:-64}
-QUEUE=${QUEUE:-4096}
-SIZE=${SIZE:-32}
+BATCH=${BATCH:-256}
+LR=${LR:-0.06}
+QUEUE=${QUEUE:-1024}   # below the number of training images: no image is its own negative
+SIZE=${SIZE:-28}
 WORKERS=${WORKERS:-2}
 DEVICE=${DEVICE:-auto}
 COMMON=(--image_size="$SIZE" --workers="$WORKERS" --device="$DEVICE")
-TRAIN=(--batch_size="$BATCH" --queue_size="$QUEUE" --save_freq=1000 --report_freq=20 --seed="$SEED" "${COMMON[@]}")
+TRAIN=(--batch_size="$BATCH" --lr="$LR" --augmentation=greyscale --save_freq=1000 --report_freq=20 "${COMMON[@]}")
+# Self-supervised without a teacher (the teacher itself, and the MoCo-alone baseline): the batch's
+# other keys as negatives, a key encoder that is the student itself, no queue (keys of older steps
+# differ from the batch's by their BatchNorm statistics and teach the network to tell batches apart).
+MOCO=(--method=moco --moco_batch_keys --moco_momentum=0 --queue_size=0)
 start=$SECONDS
 
 $PY -m data.fashion_mnist --out_dir="$DATA" --train_per_class="$TRAIN_PER_CLASS" --val_per_class="$VAL_PER_CLASS"
 
-echo "== 1/5 teacher: MoCo v2 $TEACHER_ARCH, $TEACHER_EPOCHS epochs"
-$PY main_distill.py --method=moco --arch="$TEACHER_ARCH" --data_dir="$DATA" --output_dir="$RUN/teacher" \
-  --epochs="$TEACHER_EPOCHS" "${TRAIN[@]}"
+# The teacher depends on these settings alone: one cached teacher (and its bags) per combination.
+TEACHER_FLAGS=("${MOCO[@]}" --arch="$ARCH" --data_dir="$DATA" --epochs="$TEACHER_EPOCHS" --seed=0 "${TRAIN[@]}")
+TEACHER_DIR=$TEACHERS/$(echo "${TEACHER_FLAGS[*]}" | sha256sum | cut -c1-12)
+TEACHER=$TEACHER_DIR/checkpoint_$(printf %04d "$TEACHER_EPOCHS").pth  # kept once its last epoch is done
+BAGS=$TEACHER_DIR/bags.npy
+if [ -f "$TEACHER" ]; then
+  echo "== 1/5 teacher: $ARCH, $TEACHER_EPOCHS epochs, trained before: $TEACHER"
+else
+  echo "== 1/5 teacher: $ARCH, $TEACHER_EPOCHS epochs (kept in $TEACHER_DIR for later runs)"
+  $PY main_distill.py "${TEACHER_FLAGS[@]}" --output_dir="$TEACHER_DIR" --resume=auto
+fi
+if [ -f "$BAGS.json" ]; then
+  echo "== 2/5 bags: made before: $BAGS"
+else
+  echo "== 2/5 bags: k=5 nearest neighbours under the teacher"
+  $PY knn_extract.py --data_dir="$DATA" --teacher="$TEACHER" --teacher_arch="$ARCH" \
+    --clus_pos_num=5 --output="$BAGS" --batch_size=256 "${COMMON[@]}"
+fi
+if [ "${STOP_AFTER:-}" = bags ]; then exit 0; fi  # the teacher and its bags only, e.g. to prepare them
 
-echo "== 2/5 bags: k=5 nearest neighbours under the teacher"
-$PY knn_extract.py --data_dir="$DATA" --teacher="$RUN/teacher/checkpoint.pth" --teacher_arch="$TEACHER_ARCH" \
-  --clus_pos_num=5 --output="$RUN/bags.npy" --batch_size=256 "${COMMON[@]}"
-
-echo "== 3/5 student: BINGO $STUDENT_ARCH from the teacher, $STUDENT_EPOCHS epochs"
-$PY main_distill.py --method=bingo --arch="$STUDENT_ARCH" --data_dir="$DATA" --output_dir="$RUN/bingo" \
-  --teacher="$RUN/teacher/checkpoint.pth" --teacher_arch="$TEACHER_ARCH" --neighbours="$RUN/bags.npy" \
-  --epochs="$STUDENT_EPOCHS" --warmup_epochs=$(( STUDENT_EPOCHS * 11 / 200 )) "${TRAIN[@]}"
-
-echo "== 4/5 baseline: MoCo v2 $STUDENT_ARCH alone, $STUDENT_EPOCHS epochs"
-$PY main_distill.py --method=moco --arch="$STUDENT_ARCH" --data_dir="$DATA" --output_dir="$RUN/moco_alone" \
-  --epochs="$STUDENT_EPOCHS" "${TRAIN[@]}"
-
-echo "== 5/5 evaluation: linear probe ($PROBE_EPOCHS epochs) and kNN (k=20)"
-evaluate() {  # name arch pretrained
-  $PY eval_knn.py --arch="$2" --pretrained="$3" --data_dir="$DATA" \
-    --output_dir="$RUN/eval/$1/knn" --batch_size=256 --report_freq=1000 --seed="$SEED" "${COMMON[@]}"
-  $PY main_lincls.py --arch="$2" --pretrained="$3" --data_dir="$DATA" --output_dir="$RUN/eval/$1/linear" \
-    --epochs="$PROBE_EPOCHS" --batch_size=256 --report_freq=1000 --seed="$SEED" "${COMMON[@]}"
+evaluate() {  # out_dir pretrained seed
+  $PY eval_knn.py --arch="$ARCH" --pretrained="$2" --data_dir="$DATA" --output_dir="$1/knn" \
+    --batch_size=256 --report_freq=1000 --seed="$3" "${COMMON[@]}"
+  $PY main_lincls.py --arch="$ARCH" --pretrained="$2" --data_dir="$DATA" --output_dir="$1/linear" \
+    --normalise_features --lr=3 --epochs="$PROBE_EPOCHS" --batch_size=256 --report_freq=1000 --seed="$3" \
+    "${COMMON[@]}"
 }
-evaluate teacher "$TEACHER_ARCH" "$RUN/teacher/checkpoint.pth"
-evaluate bingo "$STUDENT_ARCH" "$RUN/bingo/checkpoint.pth"
-evaluate moco_alone "$STUDENT_ARCH" "$RUN/moco_alone/checkpoint.pth"
-evaluate random_init "$STUDENT_ARCH" random
 
-$PY tools/fashion_report.py --run_dir="$RUN" --data_dir="$DATA" --seconds=$(( SECONDS - start ))
+for seed in ${SEEDS//,/ }; do
+  out=$RUN/seed$seed
+  FROM=(--teacher="$TEACHER" --teacher_arch="$ARCH" --arch="$ARCH" --data_dir="$DATA"
+        --epochs="$STUDENT_EPOCHS" --queue_size="$QUEUE" --seed="$seed" "${TRAIN[@]}")
+  echo "== 3/5 seed $seed students from the teacher, $STUDENT_EPOCHS epochs: BINGO, SEED, DisCo"
+  $PY main_distill.py --method=bingo --neighbours="$BAGS" --warmup_epochs=$(( STUDENT_EPOCHS * 11 / 200 )) \
+    --output_dir="$out/bingo" "${FROM[@]}"
+  $PY main_distill.py --method=seed --output_dir="$out/seed" "${FROM[@]}"
+  $PY main_distill.py --method=disco --output_dir="$out/disco" "${FROM[@]}"
+
+  echo "== 4/5 seed $seed baseline: $ARCH by MoCo alone, $MOCO_EPOCHS epochs"
+  $PY main_distill.py "${MOCO[@]}" --arch="$ARCH" --data_dir="$DATA" --output_dir="$out/moco_alone" \
+    --epochs="$MOCO_EPOCHS" --seed="$seed" "${TRAIN[@]}"
+
+  echo "== 5/5 seed $seed evaluation: kNN (k=20) and linear probe ($PROBE_EPOCHS epochs)"
+  evaluate "$out/eval/teacher" "$TEACHER" "$seed"
+  for student in bingo seed disco moco_alone; do
+    evaluate "$out/eval/$student" "$out/$student/checkpoint.pth" "$seed"
+  done
+  evaluate "$out/eval/random_init" random "$seed"
+done
+
+$PY tools/fashion_report.py --run_dir="$RUN" --seeds="$SEEDS" --bags="$BAGS" --data_dir="$DATA" \
+  --seconds=$(( SECONDS - start ))

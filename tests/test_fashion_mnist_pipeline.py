@@ -1,4 +1,5 @@
 """The README's first command at toy size: scripts/fashion_mnist.sh end to end on real Fashion-MNIST."""
+import json
 import os
 import re
 import subprocess
@@ -8,26 +9,54 @@ from PIL import Image
 
 from data import fashion_mnist
 from tests.helpers import REPO
+from tools import fashion_report
 
-pytestmark = pytest.mark.slow  # every test here runs the stage end to end
 
 
+@pytest.mark.slow  # the README's first command end to end
 @pytest.mark.skipif(not os.path.isdir(fashion_mnist.DEFAULT_SOURCE),
                     reason="needs Debian's dataset-fashion-mnist (tools/setup.sh installs it as root)")
 def test_pipeline_runs_every_stage_and_reports(tmp_path):
-    env = dict(os.environ, DATA=str(tmp_path / 'data'), RUN=str(tmp_path / 'run'), TRAIN_PER_CLASS='26',
-               VAL_PER_CLASS='6', TEACHER_EPOCHS='1', STUDENT_EPOCHS='1', PROBE_EPOCHS='1', BATCH='16',
-               QUEUE='64', WORKERS='0', DEVICE='cpu', OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
+    env = dict(os.environ, DATA=str(tmp_path / 'data'), RUN=str(tmp_path / 'run'),
+               TEACHERS=str(tmp_path / 'teachers'), SEEDS='0', TRAIN_PER_CLASS='26', VAL_PER_CLASS='6',
+               TEACHER_EPOCHS='1', STUDENT_EPOCHS='1', MOCO_EPOCHS='1', PROBE_EPOCHS='1', BATCH='16', QUEUE='64',
+               WORKERS='0', DEVICE='cpu', OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
     done = subprocess.run(['bash', 'scripts/fashion_mnist.sh'], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    for stage in ('1/5 teacher', '2/5 bags', '3/5 student', '4/5 baseline', '5/5 evaluation'):
+    for stage in ('1/5 teacher', '2/5 bags', '3/5 seed 0 students', '4/5 seed 0 baseline', '5/5 seed 0 evaluation'):
         assert f'== {stage}' in done.stdout
     assert 'bag precision' in done.stdout
     report = (tmp_path / 'run' / 'results.md').read_text()
-    rows = [line for line in report.splitlines() if re.match(r'\| (teacher|BINGO|MoCo|student at)', line)]
-    assert len(rows) == 4, report
-    assert all(len(re.findall(r'\| \d+\.\d\d ', row)) == 3 for row in rows), report  # linear 1/5, kNN
-    assert report in done.stdout
+    rows = [line for line in report.splitlines()
+            if re.match(r'\| (teacher|BINGO|SEED|DisCo|MoCo|student at) ', line)]
+    assert len(rows) == 6, report
+    assert all(len(re.findall(r'\| \d+\.\d\d ', row)) == 2 for row in rows), report  # linear, kNN
+    assert len(re.findall(r'top-1: [01] of 1 seeds', report)) == 4, report
+    assert report in done.stdout and (tmp_path / 'run' / 'seed0' / 'results.md').exists()
     with Image.open(tmp_path / 'run' / 'bags.png') as picture:
         assert picture.height == 8 * (28 * 3 + 6) and picture.width == 6 * (28 * 3 + 6) + 12
+
+    # A second run with the same teacher settings finds the teacher and its bags and trains neither.
+    again = subprocess.run(['bash', 'scripts/fashion_mnist.sh'], cwd=REPO, text=True, capture_output=True,
+                           env={**env, 'STOP_AFTER': 'bags'}, timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    assert 'trained before' in again.stdout and 'made before' in again.stdout
+
+
+def test_report_gives_mean_and_std_over_seeds_and_counts_each_claim(tmp_path):
+    for seed, (bingo_knn, moco_knn) in enumerate([(70.0, 68.0), (66.0, 67.0)]):
+        for name in ('teacher', 'bingo', 'seed', 'disco', 'moco_alone', 'random_init'):
+            knn = {'bingo': bingo_knn, 'moco_alone': moco_knn}.get(name, 60.0)
+            for protocol, top1 in (('linear', 50.0 + seed), ('knn', knn)):
+                folder = tmp_path / f'seed{seed}' / 'eval' / name / protocol
+                folder.mkdir(parents=True)
+                result = {'top1': top1, 'arch': 'resnet18', 'method': name, 'distill_epochs': 3}
+                (folder / f'result_{protocol}.json').write_text(json.dumps(result))
+    runs = [fashion_report.read_run(str(tmp_path / f'seed{seed}')) for seed in (0, 1)]
+    table = fashion_report.table(runs)
+    bingo = next(line for line in table.splitlines() if line.startswith('| BINGO'))
+    assert '| 50.50 +- 0.71 | 68.00 +- 2.83 |' in bingo  # sample std, n - 1 = 1
+    claims = fashion_report.claims(runs)
+    assert 'BINGO student > MoCo student alone, knn top-1: 1 of 2 seeds' in claims
+    assert 'BINGO student > MoCo student alone, linear top-1: 0 of 2 seeds' in claims

@@ -1,29 +1,41 @@
-"""The embedded default's report: results table (terminal and results.md) and bags.png.
+"""The embedded default's report: a results table per seed (terminal and <run_dir>/seed<S>/results.md),
+their mean +- std over the seeds with the claims the demo exists to show and how many seeds each held
+in (<run_dir>/results.md), and <run_dir>/bags.png.
 
-    python tools/fashion_report.py --run_dir=runs/fashion_mnist_seed0 --data_dir=datasets/fashion_mnist_500
+    python tools/fashion_report.py --run_dir=runs/fashion_mnist --seeds=0,1,2 \
+        --bags=runs/fashion_mnist_teachers/<key>/bags.npy --data_dir=datasets/fashion_mnist_400_1000
 """
 import json
 import os
 import sys
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.folder import ImageFolder  # noqa: E402
 from data.neighbours import load_neighbours, read_sidecar  # noqa: E402
+from utils import errors  # noqa: E402
+from utils.args import Args  # noqa: E402
 from utils.atomic import write_atomic  # noqa: E402
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string('run_dir', None, 'Output folder of scripts/fashion_mnist.sh.')
-flags.DEFINE_string('data_dir', None, 'The ImageFolder tree the run used.')
-flags.DEFINE_integer('seconds', None, 'Wall time of the whole run, for the report.')
-flags.DEFINE_integer('anchors', 8, 'Rows of bags.png.')
-flags.mark_flags_as_required(['run_dir', 'data_dir'])
+FLAGS = flags.FlagValues()  # this script's own flags, read once in main() (utils/args.py)
+flags.DEFINE_string('run_dir', None, 'Output folder of scripts/fashion_mnist.sh: one seed<S>/ per seed.',
+                    flag_values=FLAGS)
+flags.DEFINE_list('seeds', ['0'], 'The seeds to report.', flag_values=FLAGS)
+flags.DEFINE_string('bags', None, 'The neighbour file (.npy) the BINGO students trained with.', flag_values=FLAGS)
+flags.DEFINE_string('data_dir', None, 'The ImageFolder tree the runs used.', flag_values=FLAGS)
+flags.DEFINE_integer('seconds', None, 'Wall time of the whole run, for the report.', flag_values=FLAGS)
+flags.DEFINE_integer('anchors', 8, 'Rows of bags.png.', flag_values=FLAGS)
+flags.mark_flags_as_required(['run_dir', 'bags', 'data_dir'], flag_values=FLAGS)
 
-MODELS = (('teacher', 'teacher'), ('bingo', 'BINGO student'), ('moco_alone', 'MoCo v2 student alone'),
-          ('random_init', 'student at random init'))
+MODELS = (('teacher', 'teacher'), ('bingo', 'BINGO student'), ('seed', 'SEED student'), ('disco', 'DisCo student'),
+          ('moco_alone', 'MoCo student alone'), ('random_init', 'student at random init'))
+METRICS = (('linear', 'top1', 'linear top-1'), ('knn', 'top1', 'kNN top-1 (k=20)'))
+# What the demo exists to show (issue 16): (better, worse, protocol).
+CLAIMS = (('bingo', 'moco_alone', 'knn'), ('bingo', 'moco_alone', 'linear'), ('teacher', 'random_init', 'knn'),
+          ('bingo', 'random_init', 'knn'))
 
 
 def read_result(path):
@@ -31,18 +43,37 @@ def read_result(path):
         return json.load(f)
 
 
-def results_table(run_dir):
-    """Markdown table: one row per evaluated network."""
-    rows = ['| network | arch | training | linear top-1 | linear top-5 | kNN top-1 (k=20) |',
-            '|---|---|---|---|---|---|']
+def read_run(seed_dir):
+    """{network: {'linear': result_linear.json, 'knn': result_knn.json}} of one seed's run."""
+    return {name: {protocol: read_result(os.path.join(seed_dir, 'eval', name, protocol, f'result_{protocol}.json'))
+                   for protocol in ('linear', 'knn')} for name, _ in MODELS}
+
+
+def table(runs):
+    """Markdown table, one row per network: each metric's value, or its mean +- std over the seeds
+    (n - 1 in the denominator) when there are several runs."""
+    rows = ['| network | arch | training | ' + ' | '.join(title for _, _, title in METRICS) + ' |',
+            '|---' * (3 + len(METRICS)) + '|']
     for name, label in MODELS:
-        linear = read_result(os.path.join(run_dir, 'eval', name, 'linear', 'result_linear.json'))
-        knn = read_result(os.path.join(run_dir, 'eval', name, 'knn', 'result_knn.json'))
-        epochs = linear.get('distill_epochs')
-        training = f'{linear["method"]}, {epochs} epochs' if epochs else linear.get('method', '')
-        rows.append(f'| {label} | {linear["arch"]} | {training} | {linear["top1"]:.2f} | '
-                    f'{linear["top5"]:.2f} | {knn["top1"]:.2f} |')
+        first = runs[0][name]['linear']
+        epochs = first.get('distill_epochs')
+        training = f'{first["method"]}, {epochs} epochs' if epochs else first.get('method', '')
+        cells = []
+        for protocol, key, _ in METRICS:
+            values = np.array([run[name][protocol][key] for run in runs])
+            cells.append(f'{values[0]:.2f}' if len(runs) == 1 else f'{values.mean():.2f} +- {values.std(ddof=1):.2f}')
+        rows.append(f'| {label} | {first["arch"]} | {training} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(rows)
+
+
+def claims(runs):
+    """Each claim of CLAIMS and in how many of the seeds it held."""
+    labels = dict(MODELS)
+    lines = []
+    for better, worse, protocol in CLAIMS:
+        held = sum(run[better][protocol]['top1'] > run[worse][protocol]['top1'] for run in runs)
+        lines.append(f'- {labels[better]} > {labels[worse]}, {protocol} top-1: {held} of {len(runs)} seeds')
+    return '\n'.join(lines)
 
 
 def bags_picture(folder, neighbours, path, anchors, scale=3, border=3):
@@ -63,21 +94,36 @@ def bags_picture(folder, neighbours, path, anchors, scale=3, border=3):
     write_atomic(path, lambda f: canvas.save(f, format='PNG'))
 
 
+def write_report(path, text):
+    write_atomic(path, lambda f: f.write(text.encode()))
+    print(text, flush=True)
+
+
+def run(args):
+    """Write the report of the runs `args` names (this script's flags) and print it."""
+    folder = ImageFolder(os.path.join(args.data_dir, 'train'))
+    neighbours = load_neighbours(args.bags, len(folder), folder.fingerprint())
+    precision = read_sidecar(args.bags)['bag_precision']
+    bags_picture(folder, neighbours, os.path.join(args.run_dir, 'bags.png'), args.anchors)
+    runs = []
+    for seed in args.seeds:
+        seed_dir = os.path.join(args.run_dir, f'seed{seed}')
+        runs.append(read_run(seed_dir))
+        write_atomic(os.path.join(seed_dir, 'results.md'),
+                     lambda f: f.write(f'## Seed {seed}\n\n{table(runs[-1:])}\n'.encode()))
+    timing = f' in {args.seconds // 60} min {args.seconds % 60} s' if args.seconds is not None else ''
+    over = f'mean +- std over seeds {", ".join(args.seeds)}' if len(runs) > 1 else f'seed {args.seeds[0]}'
+    write_report(os.path.join(args.run_dir, 'results.md'),
+                 f'# BINGO on Fashion-MNIST ({len(folder)} training images{timing}; {over})\n\n'
+                 f'{table(runs)}\n\n{claims(runs)}\n\n'
+                 f'Bag precision (share of the teacher\'s k={neighbours.shape[1]} neighbours in their anchor\'s '
+                 f'class): {precision:.3f}. Bags: bags.png (green: same class, red: other).\n')
+
+
 def main(argv):
     del argv
-    folder = ImageFolder(os.path.join(FLAGS.data_dir, 'train'))
-    bags = os.path.join(FLAGS.run_dir, 'bags.npy')
-    neighbours = load_neighbours(bags, len(folder), folder.fingerprint())
-    precision = read_sidecar(bags)['bag_precision']
-    bags_picture(folder, neighbours, os.path.join(FLAGS.run_dir, 'bags.png'), FLAGS.anchors)
-    timing = f' in {FLAGS.seconds // 60} min {FLAGS.seconds % 60} s' if FLAGS.seconds is not None else ''
-    report = (f'# BINGO on Fashion-MNIST ({len(folder)} training images{timing})\n\n'
-              f'{results_table(FLAGS.run_dir)}\n\n'
-              f'Bag precision (share of the teacher\'s k={neighbours.shape[1]} neighbours in their '
-              f'anchor\'s class): {precision:.3f}. Bags: bags.png (green: same class, red: other).\n')
-    write_atomic(os.path.join(FLAGS.run_dir, 'results.md'), lambda f: f.write(report.encode()))
-    print(report, flush=True)
+    run(Args.from_flags(FLAGS))
 
 
 if __name__ == '__main__':
-    app.run(main)
+    errors.run(main, FLAGS)

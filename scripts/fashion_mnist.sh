@@ -20,8 +20,9 @@
 # Every size is an environment variable; GPU=1 the one-GPU setting.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash tools/setup.sh
-PY=.venv/bin/python
+# PY: another Python that has the requirements (e.g. a GPU machine's, offline); then nothing is installed.
+if [ -z "${PY:-}" ]; then bash tools/setup.sh; PY=.venv/bin/python; fi
+SOURCE=${SOURCE:-/usr/share/datasets/fashion-mnist}  # the IDX files (Debian's dataset-fashion-mnist)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 
 if [ "${GPU:-0}" = 1 ]; then  # one GPU, all 60 000 images (not yet run)
@@ -53,7 +54,7 @@ TRAIN=(--batch_size="$BATCH" --lr="$LR" --augmentation=greyscale --save_freq=100
 MOCO=(--method=moco --moco_batch_keys --moco_momentum=0 --queue_size=0)
 start=$SECONDS
 
-$PY -m data.fashion_mnist --out_dir="$DATA" --train_per_class="$TRAIN_PER_CLASS" --val_per_class="$VAL_PER_CLASS"
+$PY -m data.fashion_mnist --source="$SOURCE" --out_dir="$DATA" --train_per_class="$TRAIN_PER_CLASS" --val_per_class="$VAL_PER_CLASS"
 
 # The teacher depends on these settings alone: one cached teacher (and its bags) per combination.
 TEACHER_FLAGS=("${MOCO[@]}" --arch="$ARCH" --data_dir="$DATA" --epochs="$TEACHER_EPOCHS" --seed=0 "${TRAIN[@]}")

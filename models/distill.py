@@ -359,7 +359,8 @@ class DisCo(_Contrastive):
 def build_training_module(method, student, teacher=None, *, queue_size=65536, temperature=0.2,
                           bag_loss='released', lam=(0.5, 0.5), warmup_epochs=11, teacher_bn='train',
                           moco_momentum=0.999, moco_batch_keys=False, seed_teacher_temperature=1e-4,
-                          disco_weight=32.0, precision='fp32', channels_last=False, fast_views=False, compile_backend=None):
+                          disco_weight=32.0, precision='fp32', channels_last=False, fast_views=False,
+                          compile_backend=None):
     """main_distill's training module, BINGO, MoCo v2, SEED or DisCo (`method`), with its speed
     options; each method takes the arguments its class names. The step benchmark builds it here
     too, so it times the trainer's own code.

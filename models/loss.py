@@ -58,11 +58,16 @@ def moco_loss(query, key, queue, temperature=0.2):
     return _contrast_ce(query, key, query @ queue.t(), temperature).mean()
 
 
+def _batch_key_similarities(query, batch_keys, queue):
+    """[query.batch_keys, query.queue], the (B, G+K) rows moco_batch_keys_loss ranks."""
+    return torch.cat([query @ batch_keys.t(), query @ queue.t()], dim=1)
+
+
 def moco_batch_keys_loss(query, batch_keys, own_rows, queue, temperature=0.2):
     """InfoNCE with the keys of the whole (global) batch as negatives beside the queue, as MoCo v3
     and SimCLR contrast: query i's positive is batch_keys[own_rows[i]], the batch's other keys are
     negatives too. batch_keys (G, D): every rank's keys in rank order; own_rows (B,): this rank's rows."""
-    logits = torch.cat([query @ batch_keys.t(), query @ queue.t()], dim=1) / temperature  # (B, G+K)
+    logits = _batch_key_similarities(query, batch_keys, queue) / temperature  # (B, G+K)
     return (torch.logsumexp(logits, dim=1) - logits.gather(1, own_rows[:, None]).squeeze(1)).mean()
 
 
@@ -92,17 +97,21 @@ def disco_loss(student_query, student_key, momentum_key, teacher_query, teacher_
     return moco_loss(student_query, momentum_key, queue, temperature) + weight * consistency
 
 
+def _topk_accuracy(logits, targets, topk):
+    """Top-k accuracy (%) of column targets[i] in row i of logits, for each k of topk."""
+    ranked = logits.topk(min(max(topk), logits.shape[1]), dim=1).indices
+    return [(ranked[:, :k] == targets[:, None]).any(dim=1).float().mean() * 100 for k in topk]
+
+
+@torch.no_grad()
+def contrast_accuracy(student, teacher_key, queue, topk=(1, 5)):
+    """Top-k accuracy (%) of the positive among [s.key, s.queue]: what the released code prints."""
+    logits = _similarities(student, teacher_key, queue)
+    return _topk_accuracy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device), topk)
+
+
 @torch.no_grad()
 def batch_keys_accuracy(query, batch_keys, own_rows, queue, topk=(1, 5)):
     """Top-k accuracy (%) of each query's own key among the batch's keys and the queue, the
     candidates moco_batch_keys_loss ranks."""
-    logits = torch.cat([query @ batch_keys.t(), query @ queue.t()], dim=1)
-    ranked = logits.topk(min(max(topk), logits.shape[1]), dim=1).indices
-    return [(ranked[:, :k] == own_rows[:, None]).any(dim=1).float().mean() * 100 for k in topk]
-
-
-def contrast_accuracy(student, teacher_key, queue, topk=(1, 5)):
-    """Top-k accuracy (%) of the positive among [s.key, s.queue]: what the released code prints."""
-    logits = _similarities(student, teacher_key, queue)
-    ranked = logits.topk(min(max(topk), logits.shape[1]), dim=1).indices
-    return [(ranked[:, :k] == 0).any(dim=1).float().mean() * 100 for k in topk]
+    return _topk_accuracy(_batch_key_similarities(query, batch_keys, queue), own_rows, topk)

@@ -93,7 +93,6 @@ def test_batch_keys_accuracy_ranks_the_own_key_among_the_batch_and_queue():
     assert acc1.item() == 50.0 and acc5.item() == 100.0
 
 
-
 def test_contrast_accuracy_counts_the_positive_rank():
     queue = torch.eye(4, dtype=torch.float64)[1:]  # keys e1, e2, e3
     student = torch.eye(4, dtype=torch.float64)[[0, 1]]  # e0 (positive wins), e1 (a queue key wins)

@@ -87,7 +87,7 @@ flags.DEFINE_float('crop_min_scale', 0.2, 'Smallest area share of the RandomResi
                    '(MoCo v2: 0.2; SEED\'s release with a SwAV teacher: 0.14).', flag_values=FLAGS)
 flags.DEFINE_enum('augmentation', 'moco_v2', list(AUGMENTATIONS), 'moco_v2: the released views; greyscale: '
                   'crop, flip and brightness/contrast only, for small greyscale images (the Fashion-MNIST '
-                  'demo; --data_pipeline=cpu).', flag_values=FLAGS)
+                  'demo).', flag_values=FLAGS)
 flags.DEFINE_integer('image_size', 224, 'Crop size of the augmented views.', flag_values=FLAGS)
 flags.DEFINE_integer('workers', 8, 'DataLoader workers per process.', flag_values=FLAGS)
 flags.DEFINE_enum('data_pipeline', 'cpu', ['cpu', 'gpu'],
@@ -155,9 +155,6 @@ def checked(args, world_size, device):
         raise app.UsageError(f'--method={args.method} needs --teacher')
     if args.method != 'bingo' and args.fast_views:
         raise app.UsageError(f'--fast_views applies to --method=bingo, not {args.method}')
-    if args.data_pipeline == 'gpu' and args.augmentation != 'moco_v2':
-        raise app.UsageError(f'--data_pipeline=gpu draws the released MoCo v2 views; --augmentation='
-                             f'{args.augmentation} needs --data_pipeline=cpu')
     if args.cuda_graphs and device.type != 'cuda':
         raise app.UsageError(f'--cuda_graphs needs a CUDA device, not {device}')
     unset = {name: value for name, value in METHOD_DEFAULTS[args.method].items() if getattr(args, name) is None}
@@ -300,7 +297,7 @@ def run(args):
             # --data_pipeline=gpu draws each batch's view parameters from its own seed (per rank).
             for step, views in views_on_device(batches, args.data_pipeline, info.device, args.image_size,
                                                model.n_views, lambda step: step_seed(args.seed, epoch, step, info.rank),
-                                               args.crop_min_scale):
+                                               args.crop_min_scale, args.augmentation):
                 model.seed_draws(step_seed(args.seed, epoch, step))  # alike on every rank: shuffle BN
                 loss, (acc1, acc5) = train_step(views, **inputs)
                 shown = progress.update({'epoch': epoch}, step, len(loader), args.batch_size,

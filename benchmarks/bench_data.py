@@ -172,10 +172,10 @@ def gpu_parts(dataset, device, batch_size, image_size, batches=5):
         encoded = list(batch['data'].split(batch['lengths'].tolist()))
         sync(device)
         start = time.perf_counter()
-        images = decode_images(encoded, batch['path'], device, batch['jpeg'].tolist())
+        images = decode_images(encoded, batch['path'], device, batch['jpeg'].tolist(), batch['shapes'].tolist())
         sync(device)
         middle = time.perf_counter()
-        gpu_augment.moco_v2_views(images, image_size, views_per_image=2)
+        gpu_augment.draw_views(images, image_size, views_per_image=2)
         sync(device)
         if n:
             decode_ms.append(1000 * (middle - start))

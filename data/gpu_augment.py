@@ -1,8 +1,9 @@
-"""The MoCo v2 augmentation of stage 2 (SPEC.md), drawn for a whole batch of views at once on tensors.
+"""The augmentations of stage 2, drawn for a whole batch of views at once on tensors.
 
-`data.transforms.moco_v2_augmentation` augments one PIL image per call in a DataLoader worker;
-this module draws the same random parameters for V views in one go (`sample_view_params`, on the
-CPU, from a torch.Generator or torch's global RNG) and applies them with batched tensor arithmetic
+`data.transforms` augments one PIL image per call in a DataLoader worker, with MoCo v2's views
+(SPEC.md) or the Fashion-MNIST demo's greyscale ones; this module draws the same random parameters
+(a `ViewRecipe` per --augmentation) for V views in one go (`sample_view_params`, on the CPU, from
+a torch.Generator or torch's global RNG) and applies them with batched tensor arithmetic
 (`augment`) on whatever device the images are on: the GPU in training, the CPU in the tests.
 
 Semantics are those of torchvision's tensor functional ops on floats in [0, 1] (clamped after each
@@ -43,6 +44,23 @@ BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
 _KEEP = 4  # no op in a pass of `color_jitter`
 
 _LUMA = (0.2989, 0.587, 0.114)
+
+
+@dataclass(frozen=True)
+class ViewRecipe:
+    """What a --augmentation draws beside the crop and the flip, as data.transforms draws it."""
+    jitter: tuple        # brightness, contrast, saturation and hue spreads of ColorJitter
+    p_jitter: float
+    p_grayscale: float
+    p_blur: float
+
+
+RECIPES = {
+    'moco_v2': ViewRecipe(JITTER, P_JITTER, P_GRAYSCALE, P_BLUR),
+    # data.transforms.greyscale_augmentation: ColorJitter(0.4, 0.4) alone. Its saturation and hue
+    # factors are then 1 and 0, identities, and the order of brightness and contrast stays uniform.
+    'greyscale': ViewRecipe((0.4, 0.4, 0.0, 0.0), P_JITTER, 0.0, 0.0),
+}
 
 
 @dataclass
@@ -92,8 +110,8 @@ def sample_crop_boxes(sizes, generator=None, scale=CROP_SCALE, ratio=CROP_RATIO,
     return torch.cat([top, left, h, w], 1).long()
 
 
-def sample_view_params(sizes, generator=None, min_scale=CROP_SCALE[0]):
-    """Draw the MoCo v2 parameters of V views, each independently, as the PIL path draws them
+def sample_view_params(sizes, generator=None, min_scale=CROP_SCALE[0], recipe=RECIPES['moco_v2']):
+    """Draw the parameters of V views of `recipe`, each independently, as the PIL path draws them
     per call. sizes: (V, 2) height and width of each view's source image; min_scale: the smallest
     area share of the crop."""
     sizes = torch.as_tensor(sizes)
@@ -102,18 +120,18 @@ def sample_view_params(sizes, generator=None, min_scale=CROP_SCALE[0]):
     def coin(p):
         return torch.rand(n, generator=generator) < p
 
-    spread = torch.tensor(JITTER, dtype=torch.float64)
+    spread = torch.tensor(recipe.jitter, dtype=torch.float64)
     low = torch.cat([(1 - spread[:3]).clamp(min=0), -spread[3:]])
     high = torch.cat([1 + spread[:3], spread[3:]])
     factors = low + (high - low) * torch.rand((n, 4), generator=generator, dtype=torch.float64)
     return ViewParams(
         boxes=sample_crop_boxes(sizes, generator, scale=(min_scale, CROP_SCALE[1])),
         flip=coin(P_FLIP),
-        jitter=coin(P_JITTER),
+        jitter=coin(recipe.p_jitter),
         factors=factors.float(),
         order=torch.rand((n, 4), generator=generator).argsort(1),  # a uniform random permutation
-        gray=coin(P_GRAYSCALE),
-        blur=coin(P_BLUR),
+        gray=coin(recipe.p_grayscale),
+        blur=coin(recipe.p_blur),
         sigma=_uniform(n, BLUR_SIGMA[0], BLUR_SIGMA[1], generator).float(),
     )
 
@@ -298,15 +316,17 @@ def gaussian_blur(x, kernel):
     return sum(kernel[..., t] * rows[:, :, :, t:t + w] for t in range(taps))       # along W
 
 
+def normalise(x):
+    return (x - x.new_tensor(MEAN)[:, None, None]) / x.new_tensor(STD)[:, None, None]
+
+
 def colour_blur_normalise(x, jitter, factors, order, gray, blur, kernel):
     """Colour jitter, grayscale, blur and normalisation of resized views x (V, 3, S, S) in [0, 1]:
     some sixty elementwise passes, which torch.compile fuses into a few kernels on CUDA."""
     x = color_jitter(x, jitter, factors, order)
     x = torch.where(_per_image(gray), rgb_to_grayscale(x).expand_as(x), x)
     x = torch.where(_per_image(blur), gaussian_blur(x, kernel), x)
-    mean = x.new_tensor(MEAN)[:, None, None]
-    std = x.new_tensor(STD)[:, None, None]
-    return (x - mean) / std
+    return normalise(x)
 
 
 _COMPILED = {}
@@ -321,8 +341,8 @@ def _finishing(device):
     return _COMPILED['cuda']
 
 
-def augment(images, params, size, views_per_image=1):
-    """The MoCo v2 views of `images` drawn with `params`: (V, 3, size, size) float32, normalised.
+def augment(images, params, size, views_per_image=1, recipe=RECIPES['moco_v2']):
+    """The views of `images` drawn with `params` (of `recipe`): (V, 3, size, size) float32, normalised.
 
     images: list of (3, H, W) uint8 or [0, 1] float tensors on one device; view v comes from
     images[v // views_per_image]. Order as the PIL path: crop + resize (+ flip), colour jitter,
@@ -331,6 +351,10 @@ def augment(images, params, size, views_per_image=1):
     device = images[0].device
     p = ViewParams(**{f.name: to_device(getattr(params, f.name), device) for f in fields(params)})
     x = resized_crops(images, params.boxes, params.flip, size, views_per_image)
+    if not (recipe.p_grayscale or recipe.p_blur):
+        # Colour jitter alone (greyscale): a few dozen passes over small views, eager in every
+        # process; compiling would cost each training run more than it saves at 28 px.
+        return normalise(color_jitter(x, p.jitter, p.factors, p.order))
     kernel = to_device(blur_kernels(params.sigma).float(), device)
     return _finishing(device)(x, p.jitter, p.factors, p.order, p.gray, p.blur, kernel)
 
@@ -348,16 +372,14 @@ def centre_crops(images, size, resize):
                           torch.stack([new_long, torch.full_like(short, resize)], 1))
     offset = torch.round((resized - size).double() / 2).long()                 # round(), as CenterCrop
     boxes = torch.cat([torch.zeros_like(shapes), shapes], 1)                     # the whole image
-    device = images[0].device
     x = resized_crops(images, boxes, torch.zeros(len(images), dtype=torch.bool), size,
                       resized=resized, offset=offset)
-    mean = torch.tensor(MEAN, device=device)[:, None, None]
-    std = torch.tensor(STD, device=device)[:, None, None]
-    return (x - mean) / std
+    return normalise(x)
 
 
-def moco_v2_views(images, size, views_per_image=2, generator=None, min_scale=CROP_SCALE[0]):
-    """`views_per_image` independent MoCo v2 views of every image: (len(images) * views_per_image,
-    3, size, size), the views of images[n] at rows n * views_per_image + t."""
+def draw_views(images, size, views_per_image=2, generator=None, min_scale=CROP_SCALE[0], augmentation='moco_v2'):
+    """`views_per_image` independent views of every image, of --augmentation's recipe:
+    (len(images) * views_per_image, 3, size, size), the views of images[n] at rows n * views_per_image + t."""
+    recipe = RECIPES[augmentation]
     sizes = torch.tensor([img.shape[1:] for img in images]).repeat_interleave(views_per_image, 0)
-    return augment(images, sample_view_params(sizes, generator, min_scale), size, views_per_image)
+    return augment(images, sample_view_params(sizes, generator, min_scale, recipe), size, views_per_image, recipe)

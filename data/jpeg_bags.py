@@ -4,11 +4,12 @@ With `--data_pipeline=gpu` the DataLoader workers only read the files and draw t
 neighbour; `gpu_views` then decodes the batch (one batched torchvision.io.decode_jpeg call,
 nvJPEG on CUDA) and draws the views with data.gpu_augment. Files that nvJPEG cannot decode as
 colour (PNG and other formats, greyscale or CMYK JPEGs, lossless or arithmetic-coded JPEGs) are
-decoded with PIL on the CPU, exactly as ImageFolder.load decodes them, and joined to the batch.
+decoded by the workers with PIL, exactly as ImageFolder.load decodes them, and travel as pixels.
 
-Workers return each file as a uint8 tensor with a flag saying whether nvJPEG decodes it, and
-`collate_encoded` joins a batch into one flat tensor (shared memory, pinned by the DataLoader)
-with the files' lengths, so the main process neither unpickles bytes nor parses JPEG headers.
+Workers return each file as a flat uint8 tensor (its bytes, or its pixels) with a flag saying
+whether nvJPEG decodes it and the pixels' shape, and `collate_encoded` joins a batch into one flat
+tensor (shared memory, pinned by the DataLoader) with the files' lengths, so the main process
+neither unpickles bytes nor parses JPEG headers.
 
 Both pipelines meet here: `training_dataset` is stage 2's dataset for either, and
 `views_on_device` hands the training step its views from either.
@@ -23,7 +24,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from data.bags import BagDataset, TwoViewDataset, check_rows, draw_neighbour
 from data.folder import DataError
-from data.gpu_augment import CROP_SCALE, centre_crops, moco_v2_views
+from data.gpu_augment import CROP_SCALE, centre_crops, draw_views
 
 _STANDALONE_MARKERS = {0x01, *range(0xD0, 0xD8)}  # TEM, RST0-7: no length field
 _NOT_FRAME_MARKERS = {0xC4, 0xC8, 0xCC}  # DHT, JPG, DAC share the SOFn range
@@ -31,36 +32,41 @@ _HUFFMAN_FRAMES = {0xC0, 0xC1, 0xC2}  # baseline, extended sequential, progressi
 
 
 def _read(path):
-    """A file's bytes as a uint8 tensor, and whether nvJPEG decodes it (is_colour_jpeg)."""
+    """A file as a flat uint8 tensor, whether nvJPEG decodes it (is_colour_jpeg), and (H, W):
+    a colour JPEG's bytes and (0, 0); any other file's RGB pixels (H, W, 3), decoded here by PIL."""
     try:
         with open(path, 'rb') as f:
             data = f.read()
     except OSError as e:
         raise DataError(f'cannot read image {path}: {e}') from e
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8), is_colour_jpeg(data)
+    if is_colour_jpeg(data):
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8), True, (0, 0)
+    pixels = _decode_with_pil(data, path)
+    return pixels.permute(1, 2, 0).reshape(-1), False, tuple(pixels.shape[1:])
 
 
 def _sample(paths, indices):
-    encoded, jpeg = zip(*(_read(path) for path in paths))
-    return {'encoded': encoded, 'jpeg': jpeg, 'path': paths, 'index': indices}
+    encoded, jpeg, shape = zip(*(_read(path) for path in paths))
+    return {'encoded': encoded, 'jpeg': jpeg, 'shape': shape, 'path': paths, 'index': indices}
 
 
 def collate_encoded(samples):
-    """Samples of the datasets below -> one batch: 'data' (all files' bytes, role by role: every
-    sample's first file, then every sample's second), 'lengths' and 'jpeg' per file, 'path' (list),
-    'index' (B, roles) and 'roles'."""
+    """Samples of the datasets below -> one batch: 'data' (all files' bytes or pixels, role by
+    role: every sample's first file, then every sample's second), 'lengths', 'jpeg' and 'shapes'
+    (F, 2) per file, 'path' (list), 'index' (B, roles) and 'roles'."""
     roles = len(samples[0]['encoded'])
     order = [(sample, role) for role in range(roles) for sample in samples]
     files = [sample['encoded'][role] for sample, role in order]
     return {'data': torch.cat(files), 'lengths': torch.tensor([len(f) for f in files]),
             'jpeg': torch.tensor([sample['jpeg'][role] for sample, role in order]),
+            'shapes': torch.tensor([sample['shape'][role] for sample, role in order]),
             'path': [sample['path'][role] for sample, role in order],
             'index': torch.tensor([sample['index'] for sample in samples]), 'roles': roles}
 
 
 class EncodedBagDataset(torch.utils.data.Dataset):
-    """Sample i -> {'encoded': (anchor, neighbour) uint8 tensors of the files, 'jpeg': (..),
-    'path': (..), 'index': (i, j)}; batch with `collate` (collate_encoded).
+    """Sample i -> {'encoded': (anchor, neighbour) uint8 tensors of the files (_read), 'jpeg': (..),
+    'shape': (..), 'path': (..), 'index': (i, j)}; batch with `collate` (collate_encoded).
 
     j is drawn as data.bags.BagDataset draws it (draw_neighbour); `gpu_views` turns a batch into
     (q, k, pq, pk).
@@ -82,8 +88,8 @@ class EncodedBagDataset(torch.utils.data.Dataset):
 
 
 class EncodedTwoViewDataset(torch.utils.data.Dataset):
-    """Sample i -> {'encoded': (file,), 'jpeg': (..), 'path': (path,), 'index': (i,)}; `gpu_views`
-    makes (q, k)."""
+    """Sample i -> {'encoded': (file,), 'jpeg': (..), 'shape': (..), 'path': (path,), 'index': (i,)};
+    `gpu_views` makes (q, k)."""
 
     collate = staticmethod(collate_encoded)
 
@@ -191,10 +197,11 @@ def _decode_jpegs(tensors, device):
     return images
 
 
-def decode_images(encoded, paths, device, jpeg=None):
+def decode_images(encoded, paths, device, jpeg=None, shapes=None):
     """Files (uint8 tensors or bytes) -> list of (3, H, W) uint8 RGB tensors on `device`, in order.
 
-    Colour JPEGs (`jpeg`, per file; is_colour_jpeg when None) go through one batched
+    Files with a shape (H, W) in `shapes` are pixels already (_read) and go to `device` in one
+    copy. Colour JPEGs (`jpeg`, per file; is_colour_jpeg when None) go through one batched
     torchvision.io.decode_jpeg call on `device`; the rest, and any JPEG it rejects, through PIL on
     the CPU. DataError names a file PIL cannot read either.
     """
@@ -204,41 +211,53 @@ def decode_images(encoded, paths, device, jpeg=None):
     if jpeg is None:
         jpeg = [is_colour_jpeg(f.numpy().tobytes()) for f in encoded]
     images = [None] * len(encoded)
+    decoded = [n for n, (height, _) in enumerate(shapes or []) if height]
+    if decoded:
+        pixels = torch.cat([encoded[n] for n in decoded]).to(device, non_blocking=True)
+        for n, flat in zip(decoded, pixels.split([len(encoded[n]) for n in decoded])):
+            images[n] = flat.view(*shapes[n], 3).permute(2, 0, 1)
     colour = [n for n, is_jpeg in enumerate(jpeg) if is_jpeg]
     if colour:
         for n, image in zip(colour, _decode_jpegs([encoded[n] for n in colour], device)):
             images[n] = image
     for n, image in enumerate(images):
-        if image is None:
+        if image is None:  # not a colour JPEG, or one decode_jpeg rejects
             images[n] = _decode_with_pil(encoded[n].numpy().tobytes(), paths[n]).to(device)
     return images
 
 
-def gpu_views(batch, device, image_size, generator=None, min_scale=CROP_SCALE[0]):
-    """A collate_encoded batch -> the views the training step takes: [q, k, pq, pk] (bags) or
-    [q, k] (two views), each (B, 3, S, S) float32 on `device`, normalised. Random parameters come
-    from `generator` or torch's global RNG; min_scale is the smallest area share of the crops."""
+def _batch_images(batch, device):
     encoded = list(batch['data'].split(batch['lengths'].tolist()))
-    images = decode_images(encoded, batch['path'], device, batch['jpeg'].tolist())
-    views = moco_v2_views(images, image_size, views_per_image=2, generator=generator, min_scale=min_scale)
+    return decode_images(encoded, batch['path'], device, batch['jpeg'].tolist(), batch['shapes'].tolist())
+
+
+def gpu_views(batch, device, image_size, generator=None, min_scale=CROP_SCALE[0], augmentation='moco_v2'):
+    """A collate_encoded batch -> the views the training step takes: [q, k, pq, pk] (bags) or
+    [q, k] (two views), each (B, 3, S, S) float32 on `device`, normalised. Random parameters of
+    --augmentation come from `generator` or torch's global RNG; min_scale is the smallest area
+    share of the crops."""
+    images = _batch_images(batch, device)
+    views = draw_views(images, image_size, 2, generator, min_scale, augmentation)
     roles = batch['roles']
-    size = len(encoded) // roles
+    size = len(images) // roles
     views = views.view(roles, size, 2, 3, image_size, image_size).transpose(1, 2)
     return list(views.reshape(roles * 2, size, 3, image_size, image_size).unbind(0))
 
 
-def views_on_device(batches, pipeline, device, image_size, n_views, view_seed=None, min_scale=CROP_SCALE[0]):
+def views_on_device(batches, pipeline, device, image_size, n_views, view_seed=None, min_scale=CROP_SCALE[0],
+                    augmentation='moco_v2'):
     """(step, batch) pairs of a loader -> (step, the views the training step takes, on `device`).
 
     pipeline 'cpu': the loader's augmented tensors (the first n_views of each sample), copied
     without blocking. 'gpu': the loader's files, decoded and augmented by gpu_views, with
     parameters drawn from a generator seeded with view_seed(step) (torch's global RNG when None)
-    and crops of at least min_scale of the image, the first n_views of them; on CUDA each batch's views are made on a side stream one batch ahead, so that decoding and
+    and crops of at least min_scale of the image, the first n_views of them (of --augmentation);
+    on CUDA each batch's views are made on a side stream one batch ahead, so that decoding and
     augmenting the next batch overlap the current training step.
     """
     def views(step, batch):
         generator = None if view_seed is None else torch.Generator().manual_seed(view_seed(step))
-        return gpu_views(batch, device, image_size, generator, min_scale)[:n_views]
+        return gpu_views(batch, device, image_size, generator, min_scale, augmentation)[:n_views]
 
     if pipeline == 'cpu':
         for step, batch in batches:
@@ -284,6 +303,5 @@ class EncodedEvalBatches:
 
     def __iter__(self):
         for batch in self.loader:
-            encoded = list(batch['data'].split(batch['lengths'].tolist()))
-            images = decode_images(encoded, batch['path'], self.device, batch['jpeg'].tolist())
+            images = _batch_images(batch, self.device)
             yield centre_crops(images, self.image_size, self.resize), self.targets[batch['index'][:, 0]]

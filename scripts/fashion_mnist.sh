@@ -23,12 +23,16 @@ cd "$(dirname "$0")/.."
 # PY: another Python that has the requirements (e.g. a GPU machine's, offline); then nothing is installed.
 if [ -z "${PY:-}" ]; then bash tools/setup.sh; PY=.venv/bin/python; fi
 SOURCE=${SOURCE:-/usr/share/datasets/fashion-mnist}  # the IDX files (Debian's dataset-fashion-mnist)
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 
-if [ "${GPU:-0}" = 1 ]; then  # one GPU, all 60 000 images (not yet run)
-  : "${TRAIN_PER_CLASS:=6000}" "${VAL_PER_CLASS:=1000}" "${QUEUE:=16384}" "${TEACHER_EPOCHS:=60}"
-  : "${STUDENT_EPOCHS:=10}" "${PROBE_EPOCHS:=10}" "${WORKERS:=14}" "${DEVICE:=cuda}"
+# GPU=1: one GPU and 16 cores, all 60 000 images. Sized by the stage times of a run on one H100
+# (README): the loader workers set the pace (about 8.5 s per teacher or MoCo epoch, 32 s per epoch of
+# the three students), each of the 19 launches costs 5-25 s; these sizes come to about 7.5 min.
+if [ "${GPU:-0}" = 1 ]; then
+  : "${TRAIN_PER_CLASS:=6000}" "${VAL_PER_CLASS:=1000}" "${QUEUE:=16384}" "${TEACHER_EPOCHS:=10}"
+  : "${STUDENT_EPOCHS:=2}" "${PROBE_EPOCHS:=2}" "${WORKERS:=14}" "${DEVICE:=cuda}" "${DATA_PIPELINE:=cpu}"
+  : "${OMP_NUM_THREADS:=1}"  # as torchrun sets it: the main process launches GPU work, the workers need the cores
 fi
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 SEEDS=${SEEDS:-${SEED:-0}}
 TRAIN_PER_CLASS=${TRAIN_PER_CLASS:-400}   # of 6000 per class
 VAL_PER_CLASS=${VAL_PER_CLASS:-500}       # of 1000 per class: a steadier top-1 than 100
@@ -36,7 +40,7 @@ DATA=${DATA:-datasets/fashion_mnist_${TRAIN_PER_CLASS}_${VAL_PER_CLASS}}
 RUN=${RUN:-runs/fashion_mnist}
 TEACHERS=${TEACHERS:-runs/fashion_mnist_teachers}  # one folder per teacher setting, kept between runs
 ARCH=${ARCH:-resnet18}
-TEACHER_EPOCHS=${TEACHER_EPOCHS:-25}
+TEACHER_EPOCHS=${TEACHER_EPOCHS:-60}
 STUDENT_EPOCHS=${STUDENT_EPOCHS:-3}
 MOCO_EPOCHS=${MOCO_EPOCHS:-$(( 3 * STUDENT_EPOCHS ))}  # as many student passes as BINGO's
 PROBE_EPOCHS=${PROBE_EPOCHS:-3}
@@ -46,13 +50,18 @@ QUEUE=${QUEUE:-1024}   # below the number of training images: no image is its ow
 SIZE=${SIZE:-28}
 WORKERS=${WORKERS:-2}
 DEVICE=${DEVICE:-auto}
+# gpu: the views drawn batched on DEVICE (here the CPU), the workers only decode: 1.2x the workers'
+# PIL views on 2 cores. On an H100 the workers' views were the faster (README).
+DATA_PIPELINE=${DATA_PIPELINE:-gpu}
 COMMON=(--image_size="$SIZE" --workers="$WORKERS" --device="$DEVICE")
-TRAIN=(--batch_size="$BATCH" --lr="$LR" --augmentation=greyscale --save_freq=1000 --report_freq=20 "${COMMON[@]}")
+TRAIN=(--batch_size="$BATCH" --lr="$LR" --augmentation=greyscale --data_pipeline="$DATA_PIPELINE" --save_freq=1000
+       --report_freq=20 "${COMMON[@]}")
 # Self-supervised without a teacher (the teacher itself, and the MoCo-alone baseline): the batch's
 # other keys as negatives, a key encoder that is the student itself, no queue (keys of older steps
 # differ from the batch's by their BatchNorm statistics and teach the network to tell batches apart).
 MOCO=(--method=moco --moco_batch_keys --moco_momentum=0 --queue_size=0)
 start=$SECONDS
+stage() { echo "== $(( SECONDS - start ))s $*"; }
 
 $PY -m data.fashion_mnist --source="$SOURCE" --out_dir="$DATA" --train_per_class="$TRAIN_PER_CLASS" --val_per_class="$VAL_PER_CLASS"
 
@@ -62,15 +71,15 @@ TEACHER_DIR=$TEACHERS/$(echo "${TEACHER_FLAGS[*]}" | sha256sum | cut -c1-12)
 TEACHER=$TEACHER_DIR/checkpoint_$(printf %04d "$TEACHER_EPOCHS").pth  # kept once its last epoch is done
 BAGS=$TEACHER_DIR/bags.npy
 if [ -f "$TEACHER" ]; then
-  echo "== 1/5 teacher: $ARCH, $TEACHER_EPOCHS epochs, trained before: $TEACHER"
+  stage "1/5 teacher: $ARCH, $TEACHER_EPOCHS epochs, trained before: $TEACHER"
 else
-  echo "== 1/5 teacher: $ARCH, $TEACHER_EPOCHS epochs (kept in $TEACHER_DIR for later runs)"
+  stage "1/5 teacher: $ARCH, $TEACHER_EPOCHS epochs (kept in $TEACHER_DIR for later runs)"
   $PY main_distill.py "${TEACHER_FLAGS[@]}" --output_dir="$TEACHER_DIR" --resume=auto
 fi
 if [ -f "$BAGS.json" ]; then
-  echo "== 2/5 bags: made before: $BAGS"
+  stage "2/5 bags: made before: $BAGS"
 else
-  echo "== 2/5 bags: k=5 nearest neighbours under the teacher"
+  stage "2/5 bags: k=5 nearest neighbours under the teacher"
   $PY knn_extract.py --data_dir="$DATA" --teacher="$TEACHER" --teacher_arch="$ARCH" \
     --clus_pos_num=5 --output="$BAGS" --batch_size=256 "${COMMON[@]}"
 fi
@@ -88,17 +97,17 @@ for seed in ${SEEDS//,/ }; do
   out=$RUN/seed$seed
   FROM=(--teacher="$TEACHER" --teacher_arch="$ARCH" --arch="$ARCH" --data_dir="$DATA"
         --epochs="$STUDENT_EPOCHS" --queue_size="$QUEUE" --seed="$seed" "${TRAIN[@]}")
-  echo "== 3/5 seed $seed students from the teacher, $STUDENT_EPOCHS epochs: BINGO, SEED, DisCo"
+  stage "3/5 seed $seed students from the teacher, $STUDENT_EPOCHS epochs: BINGO, SEED, DisCo"
   $PY main_distill.py --method=bingo --neighbours="$BAGS" --warmup_epochs=$(( STUDENT_EPOCHS * 11 / 200 )) \
     --output_dir="$out/bingo" "${FROM[@]}"
   $PY main_distill.py --method=seed --output_dir="$out/seed" "${FROM[@]}"
   $PY main_distill.py --method=disco --output_dir="$out/disco" "${FROM[@]}"
 
-  echo "== 4/5 seed $seed baseline: $ARCH by MoCo alone, $MOCO_EPOCHS epochs"
+  stage "4/5 seed $seed baseline: $ARCH by MoCo alone, $MOCO_EPOCHS epochs"
   $PY main_distill.py "${MOCO[@]}" --arch="$ARCH" --data_dir="$DATA" --output_dir="$out/moco_alone" \
     --epochs="$MOCO_EPOCHS" --seed="$seed" "${TRAIN[@]}"
 
-  echo "== 5/5 seed $seed evaluation: kNN (k=20) and linear probe ($PROBE_EPOCHS epochs)"
+  stage "5/5 seed $seed evaluation: kNN (k=20) and linear probe ($PROBE_EPOCHS epochs)"
   evaluate "$out/eval/teacher" "$TEACHER" "$seed"
   for student in bingo seed disco moco_alone; do
     evaluate "$out/eval/$student" "$out/$student/checkpoint.pth" "$seed"

@@ -177,10 +177,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_folder, bingo_
 
 
 @pytest.mark.slow
-def test_moco_method_trains_from_scratch_with_the_device_data_pipeline(tiny_folder, tmp_path):
-    # --data_pipeline=gpu on the CPU: workers read bytes, views are drawn batched on the device.
+@pytest.mark.parametrize('augmentation', ['moco_v2', 'greyscale'])
+def test_moco_method_trains_from_scratch_with_the_device_data_pipeline(tiny_folder, tmp_path, augmentation):
+    # --data_pipeline=gpu on the CPU: workers read the files, views are drawn batched on the device.
     out = str(tmp_path / 'moco')
-    result = distill(tiny_folder, out, method='moco', data_pipeline='gpu')
+    result = distill(tiny_folder, out, method='moco', data_pipeline='gpu', augmentation=augmentation)
     assert result.returncode == 0, result.stderr[-3000:]
     state = checkpoint.load(os.path.join(out, 'checkpoint.pth'))
     assert state['method'] == 'moco' and 'teacher' in state

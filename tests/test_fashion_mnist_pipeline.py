@@ -25,7 +25,7 @@ def test_pipeline_runs_every_stage_and_reports(tmp_path):
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     for stage in ('1/5 teacher', '2/5 bags', '3/5 seed 0 students', '4/5 seed 0 baseline', '5/5 seed 0 evaluation'):
-        assert f'== {stage}' in done.stdout
+        assert re.search(rf'^== \d+s {stage}', done.stdout, re.M), stage  # with the seconds since the start
     assert 'bag precision' in done.stdout
     report = (tmp_path / 'run' / 'results.md').read_text()
     rows = [line for line in report.splitlines()

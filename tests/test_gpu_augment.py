@@ -30,7 +30,7 @@ from data import gpu_augment as ga
 from data.folder import DataError, ImageFolder
 from data.jpeg_bags import (EncodedBagDataset, EncodedTwoViewDataset, collate_encoded, decode_images,
                             gpu_views, is_colour_jpeg)
-from data.transforms import MEAN, STD, GaussianBlur, moco_v2_augmentation
+from data.transforms import MEAN, STD, GaussianBlur, greyscale_augmentation, moco_v2_augmentation
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
 
@@ -209,6 +209,28 @@ def test_augment_matches_torchvision_functional_ops_view_by_view(images):
     torch.testing.assert_close(alone[0], out[k + 3], atol=1e-6, rtol=0)
 
 
+def assert_close_to_the_pil_view(view, img, params, v):
+    """view (3, S, S) against the PIL path's view v of the uint8 image img with the same parameters
+    (no blur), within the module's rounding bounds."""
+    top, left, h, w = params.boxes[v].tolist()
+    size = view.shape[-1]
+    pil = TF.resized_crop(to_pil(img), top, left, h, w, [size, size])
+    if params.jitter[v]:
+        b, c, s, hue = params.factors[v].tolist()
+        adjust = [lambda p: TF.adjust_brightness(p, b), lambda p: TF.adjust_contrast(p, c),
+                  lambda p: TF.adjust_saturation(p, s), lambda p: TF.adjust_hue(p, hue)]
+        for op in params.order[v].tolist():
+            pil = adjust[op](pil)
+    if params.gray[v]:
+        pil = TF.to_grayscale(pil, num_output_channels=3)
+    if params.flip[v]:
+        pil = TF.hflip(pil)
+    ref = TF.normalize(TF.to_tensor(pil), MEAN, STD)
+    diff = (view - ref).abs() * torch.tensor(STD)[:, None, None] * 255  # grey levels
+    mean_bound, max_bound = (2.5, 12.0) if params.jitter[v] else (0.5, 1.01)
+    assert diff.mean() < mean_bound and diff.max() < max_bound, (v, diff.mean().item(), diff.max().item())
+
+
 def test_augment_of_uint8_is_close_to_the_pil_path_with_the_same_parameters(images):
     g = torch.Generator().manual_seed(3)
     img = to_uint8(images[2])
@@ -216,22 +238,7 @@ def test_augment_of_uint8_is_close_to_the_pil_path_with_the_same_parameters(imag
     params.blur[:] = False  # PIL's blur is an approximation: tested on its own above
     out = ga.augment([img], params, 24, views_per_image=12)
     for v in range(12):
-        top, left, h, w = params.boxes[v].tolist()
-        pil = TF.resized_crop(to_pil(img), top, left, h, w, [24, 24])
-        if params.jitter[v]:
-            b, c, s, hue = params.factors[v].tolist()
-            adjust = [lambda p: TF.adjust_brightness(p, b), lambda p: TF.adjust_contrast(p, c),
-                      lambda p: TF.adjust_saturation(p, s), lambda p: TF.adjust_hue(p, hue)]
-            for op in params.order[v].tolist():
-                pil = adjust[op](pil)
-        if params.gray[v]:
-            pil = TF.to_grayscale(pil, num_output_channels=3)
-        if params.flip[v]:
-            pil = TF.hflip(pil)
-        ref = TF.normalize(TF.to_tensor(pil), MEAN, STD)
-        diff = (out[v] - ref).abs() * torch.tensor(STD)[:, None, None] * 255  # grey levels
-        mean_bound, max_bound = (2.5, 12.0) if params.jitter[v] else (0.5, 1.01)
-        assert diff.mean() < mean_bound and diff.max() < max_bound, (v, diff.mean().item(), diff.max().item())
+        assert_close_to_the_pil_view(out[v], img, params, v)
 
 
 # ------------------------------------------------------------ parameter distributions vs the PIL path
@@ -245,6 +252,33 @@ def test_recipe_constants_are_the_pil_paths():
     ranges = [*color.brightness, *color.contrast, *color.saturation, *color.hue]
     assert ranges == pytest.approx([1 - b, 1 + b, 1 - c, 1 + c, 1 - s, 1 + s, -h, h])
     assert isinstance(blur.transforms[0], GaussianBlur) and tuple(blur.transforms[0].sigma) == ga.BLUR_SIGMA
+
+
+def test_greyscale_recipe_is_the_pil_paths():
+    crop, jitter, flip, *rest = greyscale_augmentation(32).transforms
+    assert isinstance(crop, T.RandomResizedCrop) and isinstance(flip, T.RandomHorizontalFlip)
+    assert [type(t) for t in rest] == [T.ToTensor, T.Normalize]  # no grayscale, no blur
+    recipe = ga.RECIPES['greyscale']
+    assert jitter.p == recipe.p_jitter and flip.p == ga.P_FLIP and recipe.p_grayscale == recipe.p_blur == 0
+    color, = jitter.transforms
+    b, c, s, h = recipe.jitter
+    assert [*color.brightness, *color.contrast] == pytest.approx([1 - b, 1 + b, 1 - c, 1 + c])
+    assert color.saturation is None and color.hue is None and s == h == 0
+
+
+def test_greyscale_views_are_the_pil_paths_with_the_same_parameters(images):
+    # A grey image (R = G = B), as ImageFolder gives Fashion-MNIST's.
+    grey = to_uint8(images[2].mean(0, keepdim=True).expand(3, -1, -1))
+    recipe = ga.RECIPES['greyscale']
+    params = ga.sample_view_params(torch.tensor([grey.shape[1:]] * 16), torch.Generator().manual_seed(15),
+                                   recipe=recipe)
+    assert not params.gray.any() and not params.blur.any() and params.jitter.any()
+    assert (params.factors[:, 2] == 1).all() and (params.factors[:, 3] == 0).all()  # saturation, hue: identities
+    out = ga.augment([grey], params, 24, views_per_image=16, recipe=recipe)
+    pixels = out * torch.tensor(STD)[:, None, None] + torch.tensor(MEAN)[:, None, None]
+    assert (pixels - pixels[:, :1]).abs().max() < 1e-5  # grey stays grey
+    for v in range(16):  # PIL's saturation 1 and hue 0 leave a grey image as it is
+        assert_close_to_the_pil_view(out[v], grey, params, v)
 
 
 @pytest.mark.parametrize('height, width', [(48, 64), (16, 100), (100, 16)])  # thin ones often need the centre crop
@@ -359,7 +393,13 @@ def test_encoded_bag_dataset_reads_bytes_and_draws_neighbours(mixed_folder):
         i, j = sample['index']
         assert i == 2 and j in (3, 4)
         drawn.add(j)
-        assert sample['encoded'][1].numpy().tobytes() == open(mixed_folder.path(j), 'rb').read()
+        data = open(mixed_folder.path(j), 'rb').read()
+        if is_colour_jpeg(data):  # the file's bytes, for nvJPEG
+            assert sample['encoded'][1].numpy().tobytes() == data and sample['shape'][1] == (0, 0)
+        else:  # decoded by the worker, as ImageFolder.load decodes it
+            pixels = np.array(mixed_folder.load(j))
+            assert sample['encoded'][1].numpy().tobytes() == pixels.tobytes()
+            assert sample['shape'][1] == pixels.shape[:2]
         assert sample['jpeg'] == tuple(is_colour_jpeg(open(mixed_folder.path(n), 'rb').read()) for n in (i, j))
         assert sample['path'] == (mixed_folder.path(2), mixed_folder.path(j))
     assert drawn == {3, 4}

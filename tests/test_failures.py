@@ -17,6 +17,8 @@ from utils import atomic, checkpoint, errors, preemption, rundir
 from utils.atomic import SaveError
 from utils.checkpoint import CheckpointError
 from utils.training import epoch_batches, make_loader, rng_state
+from tests.helpers import REPO
+from tests.multiprocess import torchrun, torchrun_env
 
 
 # ------------------------------------------------------------------ one-line errors
@@ -76,6 +78,24 @@ def test_a_failed_write_names_the_file_and_the_os_cause_and_leaves_no_temporary(
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, previous)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_a_failed_save_with_loader_workers_still_exits(tiny_folder, tmp_path):
+    # The loader's workers ignore SIGTERM (preemption is the main process's to handle), so the error
+    # exit must end them itself: it hung while training loaders kept their workers across epochs.
+    # A file-size limit makes the checkpoint's save fail, as a full disk does.
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    out = str(tmp_path / 'full')
+    flags = dict(method='moco', data_dir=tiny_folder, output_dir=out, arch='resnet18', image_size=32,
+                 batch_size=8, queue_size=16, epochs=2, workers=1, device='cpu')
+    done = subprocess.run(torchrun(1) + [os.path.join(REPO, 'main_distill.py')] + [f'--{k}={v}' for k, v in flags.items()],
+                          cwd=REPO, env=torchrun_env(), capture_output=True, text=True, timeout=120,
+                          preexec_fn=limit_file_size)
+    assert done.returncode == 1 and f'file too large writing {out}/checkpoint.pth' in done.stderr
 
 
 def test_an_interrupted_write_leaves_no_temporary(tmp_path):

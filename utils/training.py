@@ -123,11 +123,8 @@ def make_loader(dataset, batch_size: int, workers: int, train: bool, seed: int =
         sampler = DistributedSampler(dataset, shuffle=False)
     else:
         sampler = SequentialSampler(dataset)
-    # Training workers persist across epochs (no respawn per epoch): their RNG state does not matter,
-    # each sample is drawn from its own seed.
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                         pin_memory=torch.cuda.is_available(), drop_last=train,
-                        persistent_workers=train and workers > 0,
                         worker_init_fn=_ignore_stop_signals, collate_fn=collate)
     return loader, sampler
 

@@ -45,8 +45,7 @@ STUDENT_EPOCHS=${STUDENT_EPOCHS:-3}
 MOCO_EPOCHS=${MOCO_EPOCHS:-$(( 3 * STUDENT_EPOCHS ))}  # as many student passes as BINGO's
 PROBE_EPOCHS=${PROBE_EPOCHS:-3}
 BATCH=${BATCH:-256}
-TEACHER_LR=${TEACHER_LR:-0.06}
-LR=${LR:-0.03}         # the students' and MoCo alone's: the released lr at batch 256
+LR=${LR:-0.06}
 QUEUE=${QUEUE:-1024}   # below the number of training images: no image is its own negative
 SIZE=${SIZE:-28}
 WORKERS=${WORKERS:-2}
@@ -55,7 +54,7 @@ DEVICE=${DEVICE:-auto}
 # PIL views on 2 cores. On an H100 the workers' views were the faster (README).
 DATA_PIPELINE=${DATA_PIPELINE:-gpu}
 COMMON=(--image_size="$SIZE" --workers="$WORKERS" --device="$DEVICE")
-TRAIN=(--batch_size="$BATCH" --augmentation=greyscale --data_pipeline="$DATA_PIPELINE" --save_freq=1000
+TRAIN=(--batch_size="$BATCH" --lr="$LR" --augmentation=greyscale --data_pipeline="$DATA_PIPELINE" --save_freq=1000
        --report_freq=20 "${COMMON[@]}")
 # Self-supervised without a teacher (the teacher itself, and the MoCo-alone baseline): the batch's
 # other keys as negatives, a key encoder that is the student itself, no queue (keys of older steps
@@ -67,8 +66,7 @@ stage() { echo "== $(( SECONDS - start ))s $*"; }
 $PY -m data.fashion_mnist --source="$SOURCE" --out_dir="$DATA" --train_per_class="$TRAIN_PER_CLASS" --val_per_class="$VAL_PER_CLASS"
 
 # The teacher depends on these settings alone: one cached teacher (and its bags) per combination.
-TEACHER_FLAGS=("${MOCO[@]}" --arch="$ARCH" --data_dir="$DATA" --epochs="$TEACHER_EPOCHS" --seed=0 --lr="$TEACHER_LR"
-               "${TRAIN[@]}")
+TEACHER_FLAGS=("${MOCO[@]}" --arch="$ARCH" --data_dir="$DATA" --epochs="$TEACHER_EPOCHS" --seed=0 "${TRAIN[@]}")
 TEACHER_DIR=$TEACHERS/$(echo "${TEACHER_FLAGS[*]}" | sha256sum | cut -c1-12)
 TEACHER=$TEACHER_DIR/checkpoint_$(printf %04d "$TEACHER_EPOCHS").pth  # kept once its last epoch is done
 BAGS=$TEACHER_DIR/bags.npy
@@ -98,7 +96,7 @@ evaluate() {  # out_dir pretrained seed
 for seed in ${SEEDS//,/ }; do
   out=$RUN/seed$seed
   FROM=(--teacher="$TEACHER" --teacher_arch="$ARCH" --arch="$ARCH" --data_dir="$DATA"
-        --epochs="$STUDENT_EPOCHS" --queue_size="$QUEUE" --seed="$seed" --lr="$LR" "${TRAIN[@]}")
+        --epochs="$STUDENT_EPOCHS" --queue_size="$QUEUE" --seed="$seed" "${TRAIN[@]}")
   stage "3/5 seed $seed students from the teacher, $STUDENT_EPOCHS epochs: BINGO, SEED, DisCo"
   $PY main_distill.py --method=bingo --neighbours="$BAGS" --warmup_epochs=$(( STUDENT_EPOCHS * 11 / 200 )) \
     --output_dir="$out/bingo" "${FROM[@]}"
@@ -107,7 +105,7 @@ for seed in ${SEEDS//,/ }; do
 
   stage "4/5 seed $seed baseline: $ARCH by MoCo alone, $MOCO_EPOCHS epochs"
   $PY main_distill.py "${MOCO[@]}" --arch="$ARCH" --data_dir="$DATA" --output_dir="$out/moco_alone" \
-    --epochs="$MOCO_EPOCHS" --seed="$seed" --lr="$LR" "${TRAIN[@]}"
+    --epochs="$MOCO_EPOCHS" --seed="$seed" "${TRAIN[@]}"
 
   stage "5/5 seed $seed evaluation: kNN (k=20) and linear probe ($PROBE_EPOCHS epochs)"
   evaluate "$out/eval/teacher" "$TEACHER" "$seed"

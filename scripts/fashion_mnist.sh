@@ -25,8 +25,8 @@ if [ -z "${PY:-}" ]; then bash tools/setup.sh; PY=.venv/bin/python; fi
 SOURCE=${SOURCE:-/usr/share/datasets/fashion-mnist}  # the IDX files (Debian's dataset-fashion-mnist)
 
 # GPU=1: one GPU and 16 cores, all 60 000 images. Sized by the stage times of a run on one H100
-# (README): the loader workers set the pace (about 8.5 s per teacher or MoCo epoch, 32 s per epoch of
-# the three students), each of the 19 launches costs 5-25 s; these sizes come to about 7.5 min.
+# (README): about 8.5 s per teacher or MoCo epoch and 32 s per epoch of the three students, with the
+# 14 loader workers at full load; each of the 19 launches costs 5-25 s; these sizes come to about 7.5 min.
 if [ "${GPU:-0}" = 1 ]; then
   : "${TRAIN_PER_CLASS:=6000}" "${VAL_PER_CLASS:=1000}" "${QUEUE:=16384}" "${TEACHER_EPOCHS:=10}"
   : "${STUDENT_EPOCHS:=2}" "${PROBE_EPOCHS:=2}" "${WORKERS:=14}" "${DEVICE:=cuda}" "${DATA_PIPELINE:=cpu}"
@@ -53,9 +53,10 @@ DEVICE=${DEVICE:-auto}
 # gpu: the views drawn batched on DEVICE (here the CPU), the workers only decode: 1.2x the workers'
 # PIL views on 2 cores. On an H100 the workers' views were the faster (README).
 DATA_PIPELINE=${DATA_PIPELINE:-gpu}
-COMMON=(--image_size="$SIZE" --workers="$WORKERS" --device="$DEVICE")
-TRAIN=(--batch_size="$BATCH" --lr="$LR" --augmentation=greyscale --data_pipeline="$DATA_PIPELINE" --save_freq=1000
-       --report_freq=20 "${COMMON[@]}")
+HOW=(--workers="$WORKERS" --device="$DEVICE")  # how the scripts run, not what they compute
+EVAL=(--image_size="$SIZE" "${HOW[@]}")
+TRAIN=(--batch_size="$BATCH" --lr="$LR" --augmentation=greyscale --data_pipeline="$DATA_PIPELINE" --image_size="$SIZE")
+RUNNING=(--save_freq=1000 --report_freq=20 "${HOW[@]}")
 # Self-supervised without a teacher (the teacher itself, and the MoCo-alone baseline): the batch's
 # other keys as negatives, a key encoder that is the student itself, no queue (keys of older steps
 # differ from the batch's by their BatchNorm statistics and teach the network to tell batches apart).
@@ -65,7 +66,7 @@ stage() { echo "== $(( SECONDS - start ))s $*"; }
 
 $PY -m data.fashion_mnist --source="$SOURCE" --out_dir="$DATA" --train_per_class="$TRAIN_PER_CLASS" --val_per_class="$VAL_PER_CLASS"
 
-# The teacher depends on these settings alone: one cached teacher (and its bags) per combination.
+# The teacher depends on these settings alone (not on HOW): one cached teacher (and its bags) per combination.
 TEACHER_FLAGS=("${MOCO[@]}" --arch="$ARCH" --data_dir="$DATA" --epochs="$TEACHER_EPOCHS" --seed=0 "${TRAIN[@]}")
 TEACHER_DIR=$TEACHERS/$(echo "${TEACHER_FLAGS[*]}" | sha256sum | cut -c1-12)
 TEACHER=$TEACHER_DIR/checkpoint_$(printf %04d "$TEACHER_EPOCHS").pth  # kept once its last epoch is done
@@ -74,29 +75,29 @@ if [ -f "$TEACHER" ]; then
   stage "1/5 teacher: $ARCH, $TEACHER_EPOCHS epochs, trained before: $TEACHER"
 else
   stage "1/5 teacher: $ARCH, $TEACHER_EPOCHS epochs (kept in $TEACHER_DIR for later runs)"
-  $PY main_distill.py "${TEACHER_FLAGS[@]}" --output_dir="$TEACHER_DIR" --resume=auto
+  $PY main_distill.py "${TEACHER_FLAGS[@]}" "${RUNNING[@]}" --output_dir="$TEACHER_DIR" --resume=auto
 fi
 if [ -f "$BAGS.json" ]; then
   stage "2/5 bags: made before: $BAGS"
 else
   stage "2/5 bags: k=5 nearest neighbours under the teacher"
   $PY knn_extract.py --data_dir="$DATA" --teacher="$TEACHER" --teacher_arch="$ARCH" \
-    --clus_pos_num=5 --output="$BAGS" --batch_size=256 "${COMMON[@]}"
+    --clus_pos_num=5 --output="$BAGS" --batch_size=256 "${EVAL[@]}"
 fi
 if [ "${STOP_AFTER:-}" = bags ]; then exit 0; fi  # the teacher and its bags only, e.g. to prepare them
 
 evaluate() {  # out_dir pretrained seed
   $PY eval_knn.py --arch="$ARCH" --pretrained="$2" --data_dir="$DATA" --output_dir="$1/knn" \
-    --batch_size=256 --report_freq=1000 --seed="$3" "${COMMON[@]}"
+    --batch_size=256 --report_freq=1000 --seed="$3" "${EVAL[@]}"
   $PY main_lincls.py --arch="$ARCH" --pretrained="$2" --data_dir="$DATA" --output_dir="$1/linear" \
     --normalise_features --lr=3 --epochs="$PROBE_EPOCHS" --batch_size=256 --report_freq=1000 --seed="$3" \
-    "${COMMON[@]}"
+    "${EVAL[@]}"
 }
 
 for seed in ${SEEDS//,/ }; do
   out=$RUN/seed$seed
   FROM=(--teacher="$TEACHER" --teacher_arch="$ARCH" --arch="$ARCH" --data_dir="$DATA"
-        --epochs="$STUDENT_EPOCHS" --queue_size="$QUEUE" --seed="$seed" "${TRAIN[@]}")
+        --epochs="$STUDENT_EPOCHS" --queue_size="$QUEUE" --seed="$seed" "${TRAIN[@]}" "${RUNNING[@]}")
   stage "3/5 seed $seed students from the teacher, $STUDENT_EPOCHS epochs: BINGO, SEED, DisCo"
   $PY main_distill.py --method=bingo --neighbours="$BAGS" --warmup_epochs=$(( STUDENT_EPOCHS * 11 / 200 )) \
     --output_dir="$out/bingo" "${FROM[@]}"
@@ -105,7 +106,7 @@ for seed in ${SEEDS//,/ }; do
 
   stage "4/5 seed $seed baseline: $ARCH by MoCo alone, $MOCO_EPOCHS epochs"
   $PY main_distill.py "${MOCO[@]}" --arch="$ARCH" --data_dir="$DATA" --output_dir="$out/moco_alone" \
-    --epochs="$MOCO_EPOCHS" --seed="$seed" "${TRAIN[@]}"
+    --epochs="$MOCO_EPOCHS" --seed="$seed" "${TRAIN[@]}" "${RUNNING[@]}"
 
   stage "5/5 seed $seed evaluation: kNN (k=20) and linear probe ($PROBE_EPOCHS epochs)"
   evaluate "$out/eval/teacher" "$TEACHER" "$seed"

@@ -37,9 +37,10 @@ def test_pipeline_runs_every_stage_and_reports(tmp_path):
     with Image.open(tmp_path / 'run' / 'bags.png') as picture:
         assert picture.height == 8 * (28 * 3 + 6) and picture.width == 6 * (28 * 3 + 6) + 12
 
-    # A second run with the same teacher settings finds the teacher and its bags and trains neither.
+    # A second run with the same teacher settings finds the teacher and its bags and trains neither,
+    # however it runs (WORKERS, DEVICE: not in the teacher's hash).
     again = subprocess.run(['bash', 'scripts/fashion_mnist.sh'], cwd=REPO, text=True, capture_output=True,
-                           env={**env, 'STOP_AFTER': 'bags'}, timeout=600)
+                           env={**env, 'STOP_AFTER': 'bags', 'WORKERS': '1'}, timeout=600)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
     assert 'trained before' in again.stdout and 'made before' in again.stdout
 

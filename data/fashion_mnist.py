@@ -15,6 +15,7 @@ import os
 import shutil
 import struct
 import sys
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 from absl import app, flags
@@ -84,16 +85,22 @@ def _select(labels_path, class_labels, per_class, flag):
     return num_labels, chosen
 
 
-def _write_split(images_path, num_labels, chosen, out):
+def _write_class(folder, images, indices):
+    os.makedirs(folder)
+    for image, i in zip(images, indices):
+        Image.fromarray(image).save(os.path.join(folder, f'{i:05d}.png'))
+
+
+def _write_split(images_path, num_labels, chosen, out, pool):
     needed = max((int(indices[-1]) + 1 for indices in chosen.values() if len(indices)), default=0)
     num_images, images = _read_idx(images_path, ndim=3, count=needed)
     if num_images != num_labels:
         raise DataError(f'{images_path} holds {num_images} images but its labels file {num_labels}')
-    for label, indices in chosen.items():
-        folder = os.path.join(out, CLASSES[label])
-        os.makedirs(folder)
-        for i in indices:
-            Image.fromarray(images[i]).save(os.path.join(folder, f'{i:05d}.png'))
+    # One class a process: PNG encoding is most of the time (70 000 images: 22 s on one core).
+    writes = [pool.submit(_write_class, os.path.join(out, CLASSES[label]), images[indices], indices)
+              for label, indices in chosen.items()]
+    for write in writes:
+        write.result()
 
 
 def _read_marker(out_dir):
@@ -147,8 +154,9 @@ def prepare(out_dir, source=DEFAULT_SOURCE, train_per_class=None, val_per_class=
     tmp = f'{out_dir}.{os.getpid()}.tmp'
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        for split, prefix in SPLITS:
-            _write_split(files[prefix][0], *selections[split], os.path.join(tmp, split))
+        with ProcessPoolExecutor(min(len(class_labels), os.cpu_count())) as pool:
+            for split, prefix in SPLITS:
+                _write_split(files[prefix][0], *selections[split], os.path.join(tmp, split), pool)
         with open(os.path.join(tmp, MARKER), 'w') as f:
             json.dump(params, f, indent=2)
         old = f'{out_dir}.{os.getpid()}.old'

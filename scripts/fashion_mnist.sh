@@ -24,12 +24,13 @@ cd "$(dirname "$0")/.."
 if [ -z "${PY:-}" ]; then bash tools/setup.sh; PY=.venv/bin/python; fi
 SOURCE=${SOURCE:-/usr/share/datasets/fashion-mnist}  # the IDX files (Debian's dataset-fashion-mnist)
 
-# GPU=1: one GPU and 16 cores, all 60 000 images. Sized by the stage times of a run on one H100
-# (README): about 8.5 s per teacher or MoCo epoch and 32 s per epoch of the three students, with the
-# 14 loader workers at full load; each of the 19 launches costs 5-25 s; these sizes come to about 7.5 min.
+# GPU=1: one GPU and 16 cores, all 60 000 images. On one H100 (README) these sizes ran in 8 min 36 s
+# with the evaluations one after another (199 s: each is mostly start-up); all six at once took 57 s.
+# One probe epoch is 234 steps, five times the CPU setting's 45.
 if [ "${GPU:-0}" = 1 ]; then
   : "${TRAIN_PER_CLASS:=6000}" "${VAL_PER_CLASS:=1000}" "${QUEUE:=16384}" "${TEACHER_EPOCHS:=10}"
-  : "${STUDENT_EPOCHS:=2}" "${PROBE_EPOCHS:=2}" "${WORKERS:=14}" "${DEVICE:=cuda}" "${DATA_PIPELINE:=cpu}"
+  : "${STUDENT_EPOCHS:=2}" "${PROBE_EPOCHS:=1}" "${WORKERS:=14}" "${DEVICE:=cuda}" "${DATA_PIPELINE:=cpu}"
+  : "${EVAL_JOBS:=6}"
   : "${OMP_NUM_THREADS:=1}"  # as torchrun sets it: the main process launches GPU work, the workers need the cores
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
@@ -53,6 +54,7 @@ DEVICE=${DEVICE:-auto}
 # gpu: the views drawn batched on DEVICE (here the CPU), the workers only decode: 1.2x the workers'
 # PIL views on 2 cores. On an H100 the workers' views were the faster (README).
 DATA_PIPELINE=${DATA_PIPELINE:-gpu}
+EVAL_JOBS=${EVAL_JOBS:-1}  # networks evaluated at once (GPU=1: all six; there each is mostly start-up)
 HOW=(--workers="$WORKERS" --device="$DEVICE")  # how the scripts run, not what they compute
 EVAL=(--image_size="$SIZE" "${HOW[@]}")
 TRAIN=(--batch_size="$BATCH" --lr="$LR" --augmentation=greyscale --data_pipeline="$DATA_PIPELINE" --image_size="$SIZE")
@@ -86,12 +88,19 @@ else
 fi
 if [ "${STOP_AFTER:-}" = bags ]; then exit 0; fi  # the teacher and its bags only, e.g. to prepare them
 
-evaluate() {  # out_dir pretrained seed
-  $PY eval_knn.py --arch="$ARCH" --pretrained="$2" --data_dir="$DATA" --output_dir="$1/knn" \
-    --batch_size=256 --report_freq=1000 --seed="$3" "${EVAL[@]}"
-  $PY main_lincls.py --arch="$ARCH" --pretrained="$2" --data_dir="$DATA" --output_dir="$1/linear" \
-    --normalise_features --lr=3 --epochs="$PROBE_EPOCHS" --batch_size=256 --report_freq=1000 --seed="$3" \
-    "${EVAL[@]}"
+evaluate() {  # network seed: kNN top-1 and linear probe of $RUN/seed<seed>/<network>
+  local out=$RUN/seed$2 pretrained
+  case $1 in
+    teacher) pretrained=$TEACHER ;;
+    random_init) pretrained=random ;;
+    *) pretrained=$out/$1/checkpoint.pth ;;
+  esac
+  { $PY eval_knn.py --arch="$ARCH" --pretrained="$pretrained" --data_dir="$DATA" --output_dir="$out/eval/$1/knn" \
+      --batch_size=256 --report_freq=1000 --seed="$2" "${EVAL[@]}" &&
+    $PY main_lincls.py --arch="$ARCH" --pretrained="$pretrained" --data_dir="$DATA" \
+      --output_dir="$out/eval/$1/linear" --normalise_features --lr=3 --epochs="$PROBE_EPOCHS" --batch_size=256 \
+      --report_freq=1000 --seed="$2" "${EVAL[@]}"
+  } 2>&1 | sed -u "s/^/[$1] /"  # each line names its network: EVAL_JOBS > 1 interleaves them
 }
 
 for seed in ${SEEDS//,/ }; do
@@ -109,11 +118,15 @@ for seed in ${SEEDS//,/ }; do
     --epochs="$MOCO_EPOCHS" --seed="$seed" "${TRAIN[@]}" "${RUNNING[@]}"
 
   stage "5/5 seed $seed evaluation: kNN (k=20) and linear probe ($PROBE_EPOCHS epochs)"
-  evaluate "$out/eval/teacher" "$TEACHER" "$seed"
-  for student in bingo seed disco moco_alone; do
-    evaluate "$out/eval/$student" "$out/$student/checkpoint.pth" "$seed"
+  networks=(teacher bingo seed disco moco_alone random_init) failed=()
+  for (( i = 0; i < ${#networks[@]}; i += EVAL_JOBS )); do
+    pids=()
+    for network in "${networks[@]:i:EVAL_JOBS}"; do evaluate "$network" "$seed" & pids+=($!); done
+    for j in "${!pids[@]}"; do wait "${pids[j]}" || failed+=("${networks[i + j]}"); done
   done
-  evaluate "$out/eval/random_init" random "$seed"
+  if [ ${#failed[@]} -gt 0 ]; then  # after the others finished: their results are kept
+    echo "error: seed $seed: the evaluation of ${failed[*]} failed (its lines above)" >&2; exit 1
+  fi
 done
 
 $PY tools/fashion_report.py --run_dir="$RUN" --seeds="$SEEDS" --bags="$BAGS" --data_dir="$DATA" \

@@ -45,6 +45,26 @@ def test_pipeline_runs_every_stage_and_reports(tmp_path):
     assert 'trained before' in again.stdout and 'made before' in again.stdout
 
 
+@pytest.mark.parametrize('eval_jobs', ['1', '4'])
+def test_a_failed_evaluation_names_its_network_after_the_others_finish(tmp_path, eval_jobs):
+    # A stand-in for Python that runs nothing: every stage "succeeds" but the teacher's kNN (evaluated first).
+    python = tmp_path / 'python'
+    python.write_text('#!/bin/bash\necho "ran $*"\n'
+                      'case "$*" in eval_knn.py*--pretrained=*/checkpoint_0*) echo "error: broken" >&2; exit 3;; esac\n')
+    python.chmod(0o755)
+    env = dict(os.environ, PY=str(python), RUN=str(tmp_path / 'run'), TEACHERS=str(tmp_path / 'teachers'),
+               DATA=str(tmp_path / 'data'), EVAL_JOBS=eval_jobs)
+    done = subprocess.run(['bash', 'scripts/fashion_mnist.sh'], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert 'error: seed 0: the evaluation of teacher failed' in done.stderr
+    assert '[teacher] error: broken' in done.stdout  # its own message, named
+    for network in ('bingo', 'seed', 'disco', 'moco_alone', 'random_init'):  # every other network evaluated
+        assert re.search(rf'^\[{network}\] ran main_lincls.py .*--output_dir=\S*/eval/{network}/linear', done.stdout,
+                         re.M), network
+    assert '[teacher] ran main_lincls.py' not in done.stdout and 'ran tools/fashion_report.py' not in done.stdout
+
+
 def test_report_gives_mean_and_std_over_seeds_and_counts_each_claim(tmp_path):
     for seed, (bingo_knn, moco_knn) in enumerate([(70.0, 68.0), (66.0, 67.0)]):
         for name in ('teacher', 'bingo', 'seed', 'disco', 'moco_alone', 'random_init'):

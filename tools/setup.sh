@@ -10,7 +10,8 @@ fi
 want=$(sha256sum requirements.txt | cut -d' ' -f1)
 if [ "$(cat .venv/.requirements.sha256 2>/dev/null)" != "$want" ]; then
   echo "installing requirements.txt into .venv (torch takes about a minute)"
-  .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
+  # -qq: errors only; pip's warnings about this machine's index folders would read as failures.
+  .venv/bin/pip install -qq --disable-pip-version-check -r requirements.txt
   echo "$want" > .venv/.requirements.sha256
 fi
 if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$(id -u)" = 0 ]; then

@@ -32,7 +32,7 @@ from utils import checkpoint, dist, errors, preemption, rundir
 from utils.args import Args
 from utils.logging import JsonlWriter, Progress
 from utils.schedule import cosine_lr, set_lr
-from utils.training import epoch_batches, make_loader, rng_state, step_seed
+from utils.training import epoch_batches, make_loader, rng_state, step_seed, stop_workers
 
 FLAGS = flags.FlagValues()  # this script's own flags, read once in main() (utils/args.py)
 flags.DEFINE_string('data_dir', None, 'ImageFolder root holding train/.', flag_values=FLAGS)
@@ -278,7 +278,8 @@ def run(args):
     # forward (loss, queue push), backward and SGD step: eager under DDP, or a replayed CUDA graph
     train_step = TrainStep(model, optimizer, 'graph' if speed.cuda_graphs else 'ddp',
                            device_ids=[info.local_rank] if info.device.type == 'cuda' else None)
-    loader, _ = make_loader(dataset, args.batch_size // info.world_size, args.workers, train=True, seed=args.seed)
+    loader, _ = make_loader(dataset, args.batch_size // info.world_size, args.workers, train=True, seed=args.seed,
+                            persistent_workers=True)
     if dist.is_main():
         print(f'{args.method}: student {args.arch}, {len(dataset)} images, {len(loader)} steps/epoch '
               f'of {args.batch_size} on {info.world_size} x {info.device.type}', flush=True)
@@ -317,6 +318,7 @@ def run(args):
                                            f'{args.output_dir}/{checkpoint.LATEST}, which the same command resumes')
     finally:
         stop.close()
+        stop_workers(loader)
     if start_epoch == args.epochs and dist.is_main():
         print(f'the run in {args.output_dir} has finished its {args.epochs} epochs: nothing to do', flush=True)
     dist.cleanup()

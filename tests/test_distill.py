@@ -170,7 +170,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_folder, bingo_
     good['flags'].update(lr=1e30, epochs=3)
     atomic.save_atomic(good, os.path.join(out, 'checkpoint.pth'))
     # With a loader worker: the error exit must not wait on workers that ignore SIGTERM (they leave
-    # preemption to the main process), as it did while training loaders kept them across epochs.
+    # preemption to the main process), as it did before run() ended the kept workers (stop_workers).
     result = distill(tiny_folder, out, teacher=teacher, neighbours=bags, epochs=3, lr=1e30, workers=1)
     assert result.returncode != 0 and 'loss is nan' in result.stderr
     kept = checkpoint.load(os.path.join(out, 'checkpoint.pth'))

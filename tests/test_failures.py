@@ -83,7 +83,7 @@ def test_a_failed_write_names_the_file_and_the_os_cause_and_leaves_no_temporary(
 @pytest.mark.slow
 def test_a_failed_save_with_loader_workers_still_exits(tiny_folder, tmp_path):
     # The loader's workers ignore SIGTERM (preemption is the main process's to handle), so the error
-    # exit must end them itself: it hung while training loaders kept their workers across epochs.
+    # exit must end them itself (stop_workers): the workers training loaders keep across epochs hung it.
     # A file-size limit makes the checkpoint's save fail, as a full disk does.
     def limit_file_size():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

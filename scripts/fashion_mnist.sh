@@ -9,8 +9,8 @@
 #   3. students  from the teacher, STUDENT_EPOCHS each: BINGO, and the peers SEED and DisCo
 #   4. baseline  the same student by MoCo alone, with as many student passes as BINGO's (BINGO makes
 #                three per image: anchor, neighbour and CutMix views; MoCo one): 3 x STUDENT_EPOCHS
-#   5. eval      eval_knn.py kNN top-1 and main_lincls.py linear probe of the teacher, every student
-#                and the student at random init
+#   5. eval      eval_knn.py kNN top-1 (k=20 and 200) and main_lincls.py linear probe of the teacher,
+#                every student and the student at random init
 #   6. report    $RUN/results.md (mean +- std over the seeds, and which claims held in how many
 #                seeds), $RUN/seed<S>/results.md, $RUN/bags.png
 # The same scripts as the ImageNet runs, with flags for 28 px greyscale images on 2 CPU cores:
@@ -45,6 +45,9 @@ TEACHER_EPOCHS=${TEACHER_EPOCHS:-60}
 STUDENT_EPOCHS=${STUDENT_EPOCHS:-3}
 MOCO_EPOCHS=${MOCO_EPOCHS:-$(( 3 * STUDENT_EPOCHS ))}  # as many student passes as BINGO's
 PROBE_EPOCHS=${PROBE_EPOCHS:-3}
+# kNN top-1 at k=20 (DINO's) and k=200 (the kNN monitor of MoCo's CIFAR demo). With 400 images a class,
+# 20 neighbours reward pixel similarity, which an untrained network keeps; 200 ask for class structure.
+KNN_K=${KNN_K:-20,200}
 BATCH=${BATCH:-256}
 LR=${LR:-0.06}
 QUEUE=${QUEUE:-1024}   # below the number of training images: no image is its own negative
@@ -96,7 +99,7 @@ evaluate() {  # network seed: kNN top-1 and linear probe of $RUN/seed<seed>/<net
     *) pretrained=$out/$1/checkpoint.pth ;;
   esac
   { $PY eval_knn.py --arch="$ARCH" --pretrained="$pretrained" --data_dir="$DATA" --output_dir="$out/eval/$1/knn" \
-      --batch_size=256 --report_freq=1000 --seed="$2" "${EVAL[@]}" &&
+      --knn_k="$KNN_K" --batch_size=256 --report_freq=1000 --seed="$2" "${EVAL[@]}" &&
     $PY main_lincls.py --arch="$ARCH" --pretrained="$pretrained" --data_dir="$DATA" \
       --output_dir="$out/eval/$1/linear" --normalise_features --lr=3 --epochs="$PROBE_EPOCHS" --batch_size=256 \
       --report_freq=1000 --seed="$2" "${EVAL[@]}"
@@ -117,7 +120,7 @@ for seed in ${SEEDS//,/ }; do
   $PY main_distill.py "${MOCO[@]}" --arch="$ARCH" --data_dir="$DATA" --output_dir="$out/moco_alone" \
     --epochs="$MOCO_EPOCHS" --seed="$seed" "${TRAIN[@]}" "${RUNNING[@]}"
 
-  stage "5/5 seed $seed evaluation: kNN (k=20) and linear probe ($PROBE_EPOCHS epochs)"
+  stage "5/5 seed $seed evaluation: kNN (k=$KNN_K) and linear probe ($PROBE_EPOCHS epochs)"
   networks=(teacher bingo seed disco moco_alone random_init) failed=()
   for (( i = 0; i < ${#networks[@]}; i += EVAL_JOBS )); do
     pids=()

@@ -31,8 +31,8 @@ def test_pipeline_runs_every_stage_and_reports(tmp_path):
     rows = [line for line in report.splitlines()
             if re.match(r'\| (teacher|BINGO|SEED|DisCo|MoCo|student at) ', line)]
     assert len(rows) == 6, report
-    assert all(len(re.findall(r'\| \d+\.\d\d ', row)) == 2 for row in rows), report  # linear, kNN
-    assert len(re.findall(r'top-1: [01] of 1 seeds', report)) == 4, report
+    assert all(len(re.findall(r'\| \d+\.\d\d ', row)) == 3 for row in rows), report  # linear, kNN k=20, 200
+    assert len(re.findall(r'top-1( \(k=\d+\))?: [01] of 1 seeds', report)) == 7, report  # each kNN claim at each k
     assert report in done.stdout and (tmp_path / 'run' / 'seed0' / 'results.md').exists()
     with Image.open(tmp_path / 'run' / 'bags.png') as picture:
         assert picture.height == 8 * (28 * 3 + 6) and picture.width == 6 * (28 * 3 + 6) + 12
@@ -69,15 +69,17 @@ def test_report_gives_mean_and_std_over_seeds_and_counts_each_claim(tmp_path):
     for seed, (bingo_knn, moco_knn) in enumerate([(70.0, 68.0), (66.0, 67.0)]):
         for name in ('teacher', 'bingo', 'seed', 'disco', 'moco_alone', 'random_init'):
             knn = {'bingo': bingo_knn, 'moco_alone': moco_knn}.get(name, 60.0)
-            for protocol, top1 in (('linear', 50.0 + seed), ('knn', knn)):
+            by_k = {'200': {'top1': 100.0 - knn}, '20': {'top1': knn}}  # as eval_knn.py writes it (sorted keys)
+            for protocol, top1, extra in (('linear', 50.0 + seed, {}), ('knn', knn, {'by_k': by_k})):
                 folder = tmp_path / f'seed{seed}' / 'eval' / name / protocol
                 folder.mkdir(parents=True)
-                result = {'top1': top1, 'arch': 'resnet18', 'method': name, 'distill_epochs': 3}
+                result = {'top1': top1, 'arch': 'resnet18', 'method': name, 'distill_epochs': 3, **extra}
                 (folder / f'result_{protocol}.json').write_text(json.dumps(result))
     runs = [fashion_report.read_run(str(tmp_path / f'seed{seed}')) for seed in (0, 1)]
     table = fashion_report.table(runs)
     bingo = next(line for line in table.splitlines() if line.startswith('| BINGO'))
-    assert '| 50.50 +- 0.71 | 68.00 +- 2.83 |' in bingo  # sample std, n - 1 = 1
+    assert '| 50.50 +- 0.71 | 68.00 +- 2.83 | 32.00 +- 2.83 |' in bingo  # sample std, n - 1 = 1; k=20 first
     claims = fashion_report.claims(runs)
-    assert 'BINGO student > MoCo student alone, knn top-1: 1 of 2 seeds' in claims
+    assert 'BINGO student > MoCo student alone, kNN top-1 (k=20): 1 of 2 seeds' in claims
+    assert 'BINGO student > MoCo student alone, kNN top-1 (k=200): 1 of 2 seeds' in claims  # 30 > 32, 34 > 33
     assert 'BINGO student > MoCo student alone, linear top-1: 0 of 2 seeds' in claims

@@ -32,8 +32,7 @@ flags.mark_flags_as_required(['run_dir', 'bags', 'data_dir'], flag_values=FLAGS)
 
 MODELS = (('teacher', 'teacher'), ('bingo', 'BINGO student'), ('seed', 'SEED student'), ('disco', 'DisCo student'),
           ('moco_alone', 'MoCo student alone'), ('random_init', 'student at random init'))
-METRICS = (('linear', 'linear top-1'), ('knn', 'kNN top-1 (k=20)'))  # (protocol, column): top-1 of each
-# What the demo exists to show (issue 16): (better, worse, protocol).
+# What the demo exists to show (issue 16): (better, worse, protocol); a kNN claim is counted at each k.
 CLAIMS = (('bingo', 'moco_alone', 'knn'), ('bingo', 'moco_alone', 'linear'), ('teacher', 'random_init', 'knn'),
           ('bingo', 'random_init', 'knn'))
 
@@ -49,18 +48,30 @@ def read_run(seed_dir):
                    for protocol in ('linear', 'knn')} for name, _ in MODELS}
 
 
+def columns(runs):
+    """(protocol, k, title) of each column: the probe's top-1, then the kNN top-1 at each k that
+    eval_knn.py evaluated (its result's by_k), smallest first."""
+    ks = sorted(runs[0]['teacher']['knn']['by_k'], key=int)
+    return [('linear', None, 'linear top-1')] + [('knn', k, f'kNN top-1 (k={k})') for k in ks]
+
+
+def top1(result, k):
+    return result['top1'] if k is None else result['by_k'][k]['top1']
+
+
 def table(runs):
-    """Markdown table, one row per network: each metric's value, or its mean +- std over the seeds
+    """Markdown table, one row per network: each column's value, or its mean +- std over the seeds
     (n - 1 in the denominator) when there are several runs."""
-    rows = ['| network | arch | training | ' + ' | '.join(title for _, title in METRICS) + ' |',
-            '|---' * (3 + len(METRICS)) + '|']
+    metrics = columns(runs)
+    rows = ['| network | arch | training | ' + ' | '.join(title for _, _, title in metrics) + ' |',
+            '|---' * (3 + len(metrics)) + '|']
     for name, label in MODELS:
         first = runs[0][name]['linear']
         epochs = first.get('distill_epochs')
         training = f'{first["method"]}, {epochs} epochs' if epochs else first.get('method', '')
         cells = []
-        for protocol, _ in METRICS:
-            values = np.array([run[name][protocol]['top1'] for run in runs])
+        for protocol, k, _ in metrics:
+            values = np.array([top1(run[name][protocol], k) for run in runs])
             cells.append(f'{values[0]:.2f}' if len(runs) == 1 else f'{values.mean():.2f} +- {values.std(ddof=1):.2f}')
         rows.append(f'| {label} | {first["arch"]} | {training} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(rows)
@@ -71,8 +82,10 @@ def claims(runs):
     labels = dict(MODELS)
     lines = []
     for better, worse, protocol in CLAIMS:
-        held = sum(run[better][protocol]['top1'] > run[worse][protocol]['top1'] for run in runs)
-        lines.append(f'- {labels[better]} > {labels[worse]}, {protocol} top-1: {held} of {len(runs)} seeds')
+        for column_protocol, k, title in columns(runs):
+            if column_protocol == protocol:
+                held = sum(top1(run[better][protocol], k) > top1(run[worse][protocol], k) for run in runs)
+                lines.append(f'- {labels[better]} > {labels[worse]}, {title}: {held} of {len(runs)} seeds')
     return '\n'.join(lines)
 
 

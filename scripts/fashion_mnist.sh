@@ -57,7 +57,11 @@ DEVICE=${DEVICE:-auto}
 # gpu: the views drawn batched on DEVICE (here the CPU), the workers only decode: 1.2x the workers'
 # PIL views on 2 cores. On an H100 the workers' views were the faster (README).
 DATA_PIPELINE=${DATA_PIPELINE:-gpu}
-EVAL_JOBS=${EVAL_JOBS:-1}  # networks evaluated at once (GPU=1: all six; there each is mostly start-up)
+# Networks evaluated at once, sharing the threads (GPU=1: all six; there each is mostly start-up). On 2
+# cores the evaluation took 139 s one at a time, 103 s two at a time with a thread each, 306 s two at a
+# time with two threads each (README).
+EVAL_JOBS=${EVAL_JOBS:-2}
+EVAL_THREADS=$(( OMP_NUM_THREADS > EVAL_JOBS ? OMP_NUM_THREADS / EVAL_JOBS : 1 ))
 HOW=(--workers="$WORKERS" --device="$DEVICE")  # how the scripts run, not what they compute
 EVAL=(--image_size="$SIZE" "${HOW[@]}")
 TRAIN=(--batch_size="$BATCH" --lr="$LR" --augmentation=greyscale --data_pipeline="$DATA_PIPELINE" --image_size="$SIZE")
@@ -98,7 +102,8 @@ evaluate() {  # network seed: kNN top-1 and linear probe of $RUN/seed<seed>/<net
     random_init) pretrained=random ;;
     *) pretrained=$out/$1/checkpoint.pth ;;
   esac
-  { $PY eval_knn.py --arch="$ARCH" --pretrained="$pretrained" --data_dir="$DATA" --output_dir="$out/eval/$1/knn" \
+  { export OMP_NUM_THREADS=$EVAL_THREADS  # in the pipeline's subshell: this network's evaluation only
+    $PY eval_knn.py --arch="$ARCH" --pretrained="$pretrained" --data_dir="$DATA" --output_dir="$out/eval/$1/knn" \
       --knn_k="$KNN_K" --batch_size=256 --report_freq=1000 --seed="$2" "${EVAL[@]}" &&
     $PY main_lincls.py --arch="$ARCH" --pretrained="$pretrained" --data_dir="$DATA" \
       --output_dir="$out/eval/$1/linear" --normalise_features --lr=3 --epochs="$PROBE_EPOCHS" --batch_size=256 \

@@ -49,11 +49,11 @@ def test_pipeline_runs_every_stage_and_reports(tmp_path):
 def test_a_failed_evaluation_names_its_network_after_the_others_finish(tmp_path, eval_jobs):
     # A stand-in for Python that runs nothing: every stage "succeeds" but the teacher's kNN (evaluated first).
     python = tmp_path / 'python'
-    python.write_text('#!/bin/bash\necho "ran $*"\n'
+    python.write_text('#!/bin/bash\necho "ran $* with $OMP_NUM_THREADS threads"\n'
                       'case "$*" in eval_knn.py*--pretrained=*/checkpoint_0*) echo "error: broken" >&2; exit 3;; esac\n')
     python.chmod(0o755)
     env = dict(os.environ, PY=str(python), RUN=str(tmp_path / 'run'), TEACHERS=str(tmp_path / 'teachers'),
-               DATA=str(tmp_path / 'data'), EVAL_JOBS=eval_jobs)
+               DATA=str(tmp_path / 'data'), EVAL_JOBS=eval_jobs, OMP_NUM_THREADS='8')
     done = subprocess.run(['bash', 'scripts/fashion_mnist.sh'], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 1, done.stdout + done.stderr
@@ -63,6 +63,10 @@ def test_a_failed_evaluation_names_its_network_after_the_others_finish(tmp_path,
         assert re.search(rf'^\[{network}\] ran main_lincls.py .*--output_dir=\S*/eval/{network}/linear', done.stdout,
                          re.M), network
     assert '[teacher] ran main_lincls.py' not in done.stdout and 'ran tools/fashion_report.py' not in done.stdout
+    # The evaluations running at once share the threads; training keeps them all.
+    threads = 8 // int(eval_jobs)
+    assert re.search(rf'^\[bingo\] ran eval_knn.py .* with {threads} threads$', done.stdout, re.M), done.stdout
+    assert re.search(r'^ran main_distill.py --method=bingo .* with 8 threads$', done.stdout, re.M), done.stdout
 
 
 def test_report_gives_mean_and_std_over_seeds_and_counts_each_claim(tmp_path):

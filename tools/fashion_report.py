@@ -79,10 +79,10 @@ def table(runs):
 
 def claims(runs):
     """Each claim of CLAIMS and in how many of the seeds it held."""
-    labels = dict(MODELS)
+    labels, metrics = dict(MODELS), columns(runs)
     lines = []
     for better, worse, protocol in CLAIMS:
-        for column_protocol, k, title in columns(runs):
+        for column_protocol, k, title in metrics:
             if column_protocol == protocol:
                 held = sum(top1(run[better][protocol], k) > top1(run[worse][protocol], k) for run in runs)
                 lines.append(f'- {labels[better]} > {labels[worse]}, {title}: {held} of {len(runs)} seeds')

@@ -108,6 +108,10 @@ flags.DEFINE_bool('fast', False, 'The recommended fast settings in one switch: -
                   '--fast_views (bingo) --cudnn_benchmark --cuda_graphs (CUDA).', flag_values=FLAGS)
 flags.DEFINE_integer('seed', 0, 'Seed; each epoch reseeds from (seed, epoch, rank).', flag_values=FLAGS)
 flags.DEFINE_integer('save_freq', 10, 'Keep checkpoint_<epoch>.pth every this many epochs.', flag_values=FLAGS)
+flags.DEFINE_integer('checkpoint_freq', 1, 'Write checkpoint.pth (what --resume=auto continues from) and the exported '
+                     'student every this many epochs; the last epoch, a kept checkpoint and a stop signal always '
+                     'write them. Above 1 for epochs of seconds, where the write is a tenth of the epoch.',
+                     lower_bound=1, flag_values=FLAGS)
 flags.DEFINE_integer('report_freq', 10, 'Print and log progress every this many steps.', flag_values=FLAGS)
 flags.DEFINE_string('resume', None, "Checkpoint to continue from; 'auto' = the newest intact checkpoint of "
                     '--output_dir. An --output_dir holding checkpoints is always resumed, never overwritten.',
@@ -123,8 +127,8 @@ RUN_FLAGS = ('data_dir', 'method', 'arch', 'neighbours', 'teacher', 'teacher_arc
              'seed_teacher_temperature', 'disco_weight', 'student_hidden_dim', 'crop_min_scale',
              'augmentation', 'moco_batch_keys')
 HOW_FLAGS = ('output_dir', 'resume', 'teacher_format', 'workers', 'data_pipeline', 'precision', 'channels_last',
-             'fast_views', 'compile', 'cudnn_benchmark', 'cuda_graphs', 'fast', 'save_freq', 'report_freq',
-             'device')
+             'fast_views', 'compile', 'cudnn_benchmark', 'cuda_graphs', 'fast', 'save_freq', 'checkpoint_freq',
+             'report_freq', 'device')
 PATH_FLAGS = ('data_dir', 'neighbours', 'teacher', 'output_dir')  # recorded as absolute paths
 
 # Where the released recipes differ by method (SPEC.md; docs/peers.md): flags left unset take these (checked()).
@@ -214,6 +218,11 @@ def build(args, speed, folder):
 
 # ------------------------------------------------------------------ checkpoints
 
+def kept(args, epochs_done):
+    """Whether the end of the epoch keeps checkpoint_<epoch>.pth: every --save_freq, and the last."""
+    return epochs_done % args.save_freq == 0 or epochs_done == args.epochs
+
+
 def save(args, model, optimizer, epoch, step, steps, rng=None):
     """checkpoint.pth after `step` of the `steps` steps of `epoch`. At the end of an epoch also
     checkpoint_<epoch>.pth (kept every --save_freq) and the exported student; mid-epoch (a stopped
@@ -222,7 +231,7 @@ def save(args, model, optimizer, epoch, step, steps, rng=None):
     run = checkpoint.RunCheckpoint(args.arch, args.method, epoch + 1 if finished else epoch,
                                    0 if finished else step, dist.get_world_size(), rng, model.training_state(),
                                    optimizer.state_dict(), recorded_flags(args))
-    keep = finished and ((epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs)
+    keep = finished and kept(args, epoch + 1)
     # The exported backbone loads into torchvision.models.<arch>() (its classifier aside).
     checkpoint.save_run(args.output_dir, run, keep, model.student.backbone.state_dict() if finished else None)
 
@@ -310,7 +319,9 @@ def run(args):
                     break
             done = step + 1
             rng = dist.gather_objects(rng_state(info.device)) if done < len(loader) else None
-            if dist.is_main():
+            # checkpoint.pth: after a stop always; after a whole epoch every --checkpoint_freq and when kept
+            if dist.is_main() and (done < len(loader) or stop.received or kept(args, epoch + 1)
+                                   or (epoch + 1) % args.checkpoint_freq == 0):
                 save(args, model, optimizer, epoch, done, len(loader), rng)
             dist.barrier()
             if stop.received:

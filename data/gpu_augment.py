@@ -168,7 +168,7 @@ def _groups(shapes, max_elements):
     for n in order:
         h, w = shapes[n]
         grown_h, grown_w = max(height, h), max(width, w)
-        if group and (len(group) + 1) * 3 * grown_h * grown_w > max_elements:
+        if group and (len(group) + 1) * 3 * grown_h * grown_w > max_elements:  # at most 3 channels
             yield group
             group, grown_h, grown_w = [], h, w
         group.append(n)
@@ -177,11 +177,11 @@ def _groups(shapes, max_elements):
 
 
 def _stacked(images, dtype):
-    """(n, H, 3, W) rows, channels, columns of images of one size, or zero-padded to the largest."""
+    """(n, H, C, W) rows, channels, columns of images of one size, or zero-padded to the largest."""
     height, width = max(img.shape[1] for img in images), max(img.shape[2] for img in images)
     if all(img.shape[1:] == (height, width) for img in images):
         return torch.stack([img.permute(1, 0, 2) for img in images]).to(dtype)
-    padded = torch.zeros((len(images), height, 3, width), dtype=dtype, device=images[0].device)
+    padded = torch.zeros((len(images), height, images[0].shape[0], width), dtype=dtype, device=images[0].device)
     for target, img in zip(padded, images):
         target[:img.shape[1], :, :img.shape[2]] = img.permute(1, 0, 2)
     return padded
@@ -191,9 +191,9 @@ def resized_crops(images, boxes, flip, size, views_per_image=1, max_elements=2**
                   resized=None, offset=None):
     """Crop each view's box from its source and resize it to size x size with antialiasing.
 
-    images: list of (3, H_n, W_n) tensors, uint8 (0-255) or float (0-1), sizes may differ;
+    images: list of (C, H_n, W_n) tensors, uint8 (0-255) or float (0-1), C alike, sizes may differ;
     view v comes from images[v // views_per_image]. boxes: (V, 4) top, left, height, width;
-    flip: (V,) bool, mirror the view. Returns (V, 3, size, size) float32 in [0, 1].
+    flip: (V,) bool, mirror the view. Returns (V, C, size, size) float32 in [0, 1].
 
     Batched as two matrix products per group of images of similar size: a (size x H) and a
     (size x W) resampling matrix per view, applied to the group's images (zero-padded where their
@@ -208,11 +208,11 @@ def resized_crops(images, boxes, flip, size, views_per_image=1, max_elements=2**
     # picked, then moves without a host sync.
     boxes, flip = boxes.cpu(), flip.cpu()
     resized, offset = (None if g is None else g.cpu() for g in (resized, offset))
-    k = views_per_image
+    k, channels = views_per_image, images[0].shape[0]
     scale = 255.0 if images[0].dtype == torch.uint8 else 1.0
-    out = torch.empty((len(images), k, 3, size, size), device=device)
+    out = torch.empty((len(images), k, channels, size, size), device=device)
     for group in _groups([img.shape[1:] for img in images], max_elements):
-        pixels = _stacked([images[n] for n in group], dtype)                  # (n, H, 3, W)
+        pixels = _stacked([images[n] for n in group], dtype)                  # (n, H, C, W)
         n, height, _, width = pixels.shape
         views = (torch.tensor(group)[:, None] * k + torch.arange(k)).view(-1)
         box = to_device(boxes[views], device)
@@ -222,11 +222,11 @@ def resized_crops(images, boxes, flip, size, views_per_image=1, max_elements=2**
         cols = _resampling_weights(box[:, 1], box[:, 3], width, size,    # (n*k, S, W)
                                    *[None if g is None else g[:, 1] for g in geometry])
         cols = torch.where(to_device(flip[views], device)[:, None, None], cols.flip(1), cols).to(dtype)
-        tall = torch.bmm(rows.view(n, k * size, height), pixels.view(n, height, 3 * width))
-        small = torch.bmm(tall.view(n * k, size * 3, width), cols.transpose(1, 2))  # (n*k, S*3, S)
+        tall = torch.bmm(rows.view(n, k * size, height), pixels.view(n, height, channels * width))
+        small = torch.bmm(tall.view(n * k, size * channels, width), cols.transpose(1, 2))  # (n*k, S*C, S)
         out[to_device(torch.tensor(group), device)] = (
-            small.view(n, k, size, 3, size).permute(0, 1, 3, 2, 4).float().div_(scale))
-    return out.view(-1, 3, size, size)
+            small.view(n, k, size, channels, size).permute(0, 1, 3, 2, 4).float().div_(scale))
+    return out.view(-1, channels, size, size)
 
 
 def _per_image(values):
@@ -236,8 +236,10 @@ def _per_image(values):
 def rgb_to_grayscale(x):
     """(V, 3, H, W) -> (V, 1, H, W) luma, torchvision's weights. A weighted sum rather than an
     einsum: an einsum runs as a matrix-vector product on CUDA (a fifth of the views' GPU time
-    measured on an H100), the sum fuses with its neighbours when compiled."""
-    return (_LUMA[0] * x[:, 0:1] + _LUMA[1] * x[:, 1:2] + _LUMA[2] * x[:, 2:3])
+    measured on an H100), the sum fuses with its neighbours when compiled. A grey image (V, 1, H, W)
+    stands for three equal channels: the same sum, so the same float as theirs."""
+    red, green, blue = (x, x, x) if x.shape[1] == 1 else (x[:, 0:1], x[:, 1:2], x[:, 2:3])
+    return _LUMA[0] * red + _LUMA[1] * green + _LUMA[2] * blue
 
 
 def _blend_pass(x, ops, factors):
@@ -255,7 +257,10 @@ def _blend_pass(x, ops, factors):
 def adjust_hue(x, shift):
     """Rotate the hue of (V, 3, H, W) floats in [0, 1] by shift (V,) turns, as torchvision's
     adjust_hue (RGB -> HSV, h + shift mod 1 -> RGB), with the closed-form HSV -> RGB
-    channel = V - C * clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6, n = 5, 3, 1 for R, G, B."""
+    channel = V - C * clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6, n = 5, 3, 1 for R, G, B.
+    A grey image (V, 1, H, W) has no hue (C = 0): returned as it is, as its three channels would be."""
+    if x.shape[1] == 1:
+        return x
     r, g, b = x.unbind(1)
     value, low = x.amax(1), x.amin(1)
     chroma = value - low
@@ -350,11 +355,16 @@ def augment(images, params, size, views_per_image=1, recipe=RECIPES['moco_v2']):
     """
     device = images[0].device
     p = ViewParams(**{f.name: to_device(getattr(params, f.name), device) for f in fields(params)})
-    x = resized_crops(images, params.boxes, params.flip, size, views_per_image)
     if not (recipe.p_grayscale or recipe.p_blur):
         # Colour jitter alone (greyscale): a few dozen passes over small views, eager in every
-        # process; compiling would cost each training run more than it saves at 28 px.
-        return normalise(color_jitter(x, p.jitter, p.factors, p.order))
+        # process; compiling would cost each training run more than it saves at 28 px. Grey images
+        # (three equal channels, as Fashion-MNIST's) go through as one: the same floats in a third
+        # of the work (tests/test_gpu_augment.py).
+        grey = all(torch.equal(img[0], img[1]) and torch.equal(img[0], img[2]) for img in images)
+        x = resized_crops([img[:1] for img in images] if grey else images, params.boxes, params.flip, size,
+                          views_per_image)
+        return normalise(color_jitter(x, p.jitter, p.factors, p.order).expand(-1, 3, -1, -1))
+    x = resized_crops(images, params.boxes, params.flip, size, views_per_image)
     kernel = to_device(blur_kernels(params.sigma).float(), device)
     return _finishing(device)(x, p.jitter, p.factors, p.order, p.gray, p.blur, kernel)
 

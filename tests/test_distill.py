@@ -107,6 +107,21 @@ def test_two_processes_train_gather_the_queue_and_export(two_process_run):
     assert os.path.exists(os.path.join(out, 'checkpoint_0001.pth'))  # the last epoch is kept
 
 
+def test_checkpoint_freq_writes_checkpoint_pth_every_that_many_epochs_and_at_the_last(tiny_folder, tmp_path,
+                                                                                       monkeypatch):
+    import main_distill
+    from tests.helpers import TINY, parse
+    written = []  # (epochs done, whether checkpoint_<epoch>.pth was kept) of each write
+    save_run = checkpoint.save_run
+    monkeypatch.setattr(checkpoint, 'save_run', lambda out, run, keep, backbone: (
+        written.append((run.epoch, keep)), save_run(out, run, keep, backbone)))
+    main_distill.run(parse(main_distill, TINY + [
+        '--method=moco', f'--data_dir={tiny_folder}', f'--output_dir={tmp_path / "run"}', '--batch_size=8',
+        '--queue_size=16', '--epochs=5', '--checkpoint_freq=2', '--save_freq=3', '--report_freq=100']))
+    assert written == [(2, False), (3, True), (4, False), (5, True)]  # epoch 1 is not written
+    assert checkpoint.load(str(tmp_path / 'run' / 'checkpoint.pth'))['epoch'] == 5
+
+
 def test_every_flag_either_defines_the_run_or_only_how_it_runs():
     import main_distill
     names = set(main_distill.FLAGS)

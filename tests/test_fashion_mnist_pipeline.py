@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 
 import pytest
@@ -10,6 +11,7 @@ from PIL import Image
 from data import fashion_mnist
 from tests.helpers import REPO
 from tools import fashion_report
+from utils import errors
 
 
 
@@ -30,7 +32,7 @@ def test_pipeline_runs_every_stage_and_reports(tmp_path):
     report = (tmp_path / 'run' / 'results.md').read_text()
     rows = [line for line in report.splitlines()
             if re.match(r'\| (teacher|BINGO|SEED|DisCo|MoCo|student at) ', line)]
-    assert len(rows) == 6, report
+    assert len(rows) == 4 and 'SEED' not in report, report  # the peers only with PEERS=
     assert all(len(re.findall(r'\| \d+\.\d\d ', row)) == 3 for row in rows), report  # linear, kNN k=20, 200
     assert len(re.findall(r'top-1( \(k=\d+\))?: [01] of 1 seeds', report)) == 7, report  # each kNN claim at each k
     assert report in done.stdout and (tmp_path / 'run' / 'seed0' / 'results.md').exists()
@@ -53,7 +55,7 @@ def test_a_failed_evaluation_names_its_network_after_the_others_finish(tmp_path,
                       'case "$*" in eval_knn.py*--pretrained=*/checkpoint_0*) echo "error: broken" >&2; exit 3;; esac\n')
     python.chmod(0o755)
     env = dict(os.environ, PY=str(python), RUN=str(tmp_path / 'run'), TEACHERS=str(tmp_path / 'teachers'),
-               DATA=str(tmp_path / 'data'), EVAL_JOBS=eval_jobs, OMP_NUM_THREADS='8')
+               DATA=str(tmp_path / 'data'), EVAL_JOBS=eval_jobs, OMP_NUM_THREADS='8', PEERS='seed,disco')
     done = subprocess.run(['bash', 'scripts/fashion_mnist.sh'], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 1, done.stdout + done.stderr
@@ -63,6 +65,7 @@ def test_a_failed_evaluation_names_its_network_after_the_others_finish(tmp_path,
         assert re.search(rf'^\[{network}\] ran main_lincls.py .*--output_dir=\S*/eval/{network}/linear', done.stdout,
                          re.M), network
     assert '[teacher] ran main_lincls.py' not in done.stdout and 'ran tools/fashion_report.py' not in done.stdout
+    assert re.search(r'^ran main_distill.py --method=disco .*--output_dir=\S*/seed0/disco ', done.stdout, re.M)
     # The evaluations running at once share the threads; training keeps them all.
     threads = 8 // int(eval_jobs)
     assert re.search(rf'^\[bingo\] ran eval_knn.py .* with {threads} threads$', done.stdout, re.M), done.stdout
@@ -87,3 +90,15 @@ def test_report_gives_mean_and_std_over_seeds_and_counts_each_claim(tmp_path):
     assert 'BINGO student > MoCo student alone, kNN top-1 (k=20): 1 of 2 seeds' in claims
     assert 'BINGO student > MoCo student alone, kNN top-1 (k=200): 1 of 2 seeds' in claims  # 30 > 32, 34 > 33
     assert 'BINGO student > MoCo student alone, linear top-1: 0 of 2 seeds' in claims
+
+    # Without the peers' evaluations (PEERS= , the CPU default) their rows go; any other missing is an error.
+    for seed in (0, 1):
+        for peer in fashion_report.PEERS:
+            shutil.rmtree(tmp_path / f'seed{seed}' / 'eval' / peer)
+    runs = [fashion_report.read_run(str(tmp_path / f'seed{seed}')) for seed in (0, 1)]
+    rows = fashion_report.table(runs).splitlines()[2:]
+    assert [row.split(' | ')[0] for row in rows] == ['| teacher', '| BINGO student', '| MoCo student alone',
+                                                     '| student at random init']
+    (tmp_path / 'seed1' / 'eval' / 'moco_alone' / 'knn' / 'result_knn.json').unlink()
+    with pytest.raises(errors.UserError, match=r'seed1/eval/moco_alone/knn/result_knn.json is missing'):
+        fashion_report.read_run(str(tmp_path / 'seed1'))

@@ -281,6 +281,26 @@ def test_greyscale_views_are_the_pil_paths_with_the_same_parameters(images):
         assert_close_to_the_pil_view(out[v], grey, params, v)
 
 
+def test_grey_images_go_through_as_one_channel_with_the_same_floats_as_three(images, monkeypatch):
+    recipe = ga.RECIPES['greyscale']
+    cropped, crop = [], ga.resized_crops  # the channels of each call's images
+    monkeypatch.setattr(ga, 'resized_crops',
+                        lambda imgs, *a, **k: (cropped.append(imgs[0].shape[0]), crop(imgs, *a, **k))[1])
+    grey = [to_uint8(img.mean(0, keepdim=True).expand(3, -1, -1)) for img in images]  # sizes differ
+    params = ga.sample_view_params(torch.tensor([img.shape[1:] for img in grey]).repeat_interleave(8, 0),
+                                   torch.Generator().manual_seed(3), recipe=recipe)
+    three_channels = ga.normalise(ga.color_jitter(ga.resized_crops(grey, params.boxes, params.flip, 24, 8),
+                                                  params.jitter, params.factors, params.order))
+    assert torch.equal(ga.augment(grey, params, 24, views_per_image=8, recipe=recipe), three_channels)
+    assert cropped == [3, 1]  # the reference above, then augment's one channel
+    # One image in colour, and every image takes the three-channel path: the same views as before.
+    coloured = [to_uint8(images[0]), *grey[1:]]
+    three_channels = ga.normalise(ga.color_jitter(ga.resized_crops(coloured, params.boxes, params.flip, 24, 8),
+                                                  params.jitter, params.factors, params.order))
+    assert torch.equal(ga.augment(coloured, params, 24, views_per_image=8, recipe=recipe), three_channels)
+    assert not torch.equal(three_channels[:8, 0], three_channels[:8, 1]) and cropped[2:] == [3, 3]
+
+
 @pytest.mark.parametrize('height, width', [(48, 64), (16, 100), (100, 16)])  # thin ones often need the centre crop
 def test_crop_boxes_follow_random_resized_crop(height, width):
     n = 4000

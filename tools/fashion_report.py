@@ -32,20 +32,25 @@ flags.mark_flags_as_required(['run_dir', 'bags', 'data_dir'], flag_values=FLAGS)
 
 MODELS = (('teacher', 'teacher'), ('bingo', 'BINGO student'), ('seed', 'SEED student'), ('disco', 'DisCo student'),
           ('moco_alone', 'MoCo student alone'), ('random_init', 'student at random init'))
+PEERS = ('seed', 'disco')  # evaluated when the script's PEERS trained them; every other network always
 # What the demo exists to show (issue 16): (better, worse, protocol); a kNN claim is counted at each k.
 CLAIMS = (('bingo', 'moco_alone', 'knn'), ('bingo', 'moco_alone', 'linear'), ('teacher', 'random_init', 'knn'),
           ('bingo', 'random_init', 'knn'))
 
 
 def read_result(path):
+    if not os.path.exists(path):
+        raise errors.UserError(f'{path} is missing: that evaluation has not run (scripts/fashion_mnist.sh runs it)')
     with open(path) as f:
         return json.load(f)
 
 
 def read_run(seed_dir):
-    """{network: {'linear': result_linear.json, 'knn': result_knn.json}} of one seed's run."""
+    """{network: {'linear': result_linear.json, 'knn': result_knn.json}} of one seed's run: every
+    network of MODELS, the peers where they were evaluated."""
     return {name: {protocol: read_result(os.path.join(seed_dir, 'eval', name, protocol, f'result_{protocol}.json'))
-                   for protocol in ('linear', 'knn')} for name, _ in MODELS}
+                   for protocol in ('linear', 'knn')}
+            for name, _ in MODELS if name not in PEERS or os.path.isdir(os.path.join(seed_dir, 'eval', name))}
 
 
 def columns(runs):
@@ -66,6 +71,8 @@ def table(runs):
     rows = ['| network | arch | training | ' + ' | '.join(title for _, _, title in metrics) + ' |',
             '|---' * (3 + len(metrics)) + '|']
     for name, label in MODELS:
+        if name not in runs[0]:
+            continue
         first = runs[0][name]['linear']
         epochs = first.get('distill_epochs')
         training = f'{first["method"]}, {epochs} epochs' if epochs else first.get('method', '')

@@ -71,6 +71,8 @@ flags.DEFINE_float('momentum', 0.9, 'SGD momentum.', flag_values=FLAGS)
 flags.DEFINE_integer('image_size', 224, 'Crop size; validation resizes to size*256/224 first.', flag_values=FLAGS)
 flags.DEFINE_integer('seed', 0, 'Seed; each epoch reseeds from (seed, epoch, rank).', flag_values=FLAGS)
 flags.DEFINE_integer('report_freq', 10, 'Print and log progress every this many steps.', flag_values=FLAGS)
+flags.DEFINE_integer('val_freq', 1, 'Validate every this many epochs, and after the last (DINO\'s eval_linear.py '
+                     'flag): best_top1 is the best of those.', lower_bound=1, flag_values=FLAGS)
 flags.DEFINE_string('resume', None,
                     "Probe checkpoint to continue from; 'auto' = output_dir/checkpoint.pth if present.",
                     flag_values=FLAGS)
@@ -328,15 +330,18 @@ def run(args):
             if changed:
                 raise RuntimeError(f'{len(changed)} tensors of the frozen backbone changed during epoch '
                                    f'{epoch}, e.g. {", ".join(changed[:3])}; stopping')
-        result = validate(classifier, val_loader, list(val_sampler), info.device,
-                          {'epoch': epoch, 'validate': 'val'}, args.report_freq)
-        best_top1 = max(best_top1, result['top1'])
-        metrics.write({'epoch': epoch, 'phase': 'val', **result, 'best_top1': best_top1})
+        validated = (epoch + 1) % args.val_freq == 0 or epoch + 1 == args.epochs
+        if validated:
+            result = validate(classifier, val_loader, list(val_sampler), info.device,
+                              {'epoch': epoch, 'validate': 'val'}, args.report_freq)
+            best_top1 = max(best_top1, result['top1'])
+            metrics.write({'epoch': epoch, 'phase': 'val', **result, 'best_top1': best_top1})
         if dist.is_main():
-            print(f'epoch {epoch}: val top1 {result["top1"]:.2f} top5 {result["top5"]:.2f} '
-                  f'loss {result["loss"]:.4f} (best top1 {best_top1:.2f})', flush=True)
+            if validated:
+                print(f'epoch {epoch}: val top1 {result["top1"]:.2f} top5 {result["top5"]:.2f} '
+                      f'loss {result["loss"]:.4f} (best top1 {best_top1:.2f})', flush=True)
             save(args, classifier, optimizer, epoch, best_top1, digest, train_folder)
-            if best_top1 == result['top1']:
+            if validated and best_top1 == result['top1']:
                 save(args, classifier, optimizer, epoch, best_top1, digest, train_folder, 'checkpoint_best.pth')
         dist.barrier()
     if result is None:  # resumed from a finished run

@@ -85,6 +85,8 @@ def outcomes(data_dir, moco_run, scratch):
                   '--lr=0.001', '--min_lr=0'],
         'evaluate': evaluate_args(data_dir, moco_run),
         # Epoch 0's lr is the base lr whatever --epochs, so this is the first epoch of 'train'.
+        'validated once': [data, student, f'--output_dir={tmp / "once"}', '--batch_size=8', '--epochs=2',
+                           '--lr=0.001', '--min_lr=0', '--val_freq=2'],
         'first epoch': [data, student, f'--output_dir={tmp / "resumed"}', '--batch_size=8', '--epochs=1',
                         '--lr=0.001', '--min_lr=0'],
         'resumed': [data, student, f'--output_dir={tmp / "resumed"}', '--batch_size=8', '--epochs=2',
@@ -207,6 +209,14 @@ def test_resumed_run_ends_where_the_uninterrupted_one_does(outcomes, moco_run, s
     resumed = torch.load(scratch / 'resumed' / 'checkpoint.pth', weights_only=False)
     uninterrupted = torch.load(moco_run / 'lincls' / 'checkpoint.pth', weights_only=False)
     assert all(torch.equal(resumed['linear'][k], uninterrupted['linear'][k]) for k in ('weight', 'bias'))
+
+
+@pytest.mark.slow
+def test_val_freq_validates_less_and_ends_with_the_same_probe(outcomes, scratch):
+    once, every = result_of(outcomes, 'validated once'), result_of(outcomes, 'train')
+    assert (once['top1'], once['top5']) == (every['top1'], every['top5'])  # validating draws no training data
+    records = [json.loads(line) for line in open(scratch / 'once' / 'metrics.jsonl')]
+    assert [r['epoch'] for r in records if r.get('phase') == 'val'] == [1]  # the last epoch's alone
 
 
 @pytest.mark.slow

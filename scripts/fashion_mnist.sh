@@ -31,7 +31,8 @@ SOURCE=${SOURCE:-/usr/share/datasets/fashion-mnist}  # the IDX files (Debian's d
 # start-up); all six at once took 57 s.
 # One probe epoch is 234 steps, five times the CPU setting's 45.
 if [ "${GPU:-0}" = 1 ]; then
-  : "${TRAIN_PER_CLASS:=6000}" "${VAL_PER_CLASS:=1000}" "${QUEUE:=16384}" "${TEACHER_EPOCHS:=10}" "${TEACHER_LR:=0.06}"
+  : "${TRAIN_PER_CLASS:=6000}" "${VAL_PER_CLASS:=1000}" "${QUEUE:=16384}"
+  : "${TEACHER_EPOCHS:=10}" "${TEACHER_LR:=0.06}"
   : "${STUDENT_EPOCHS:=2}" "${PROBE_EPOCHS:=1}" "${WORKERS:=14}" "${DEVICE:=cuda}" "${DATA_PIPELINE:=cpu}"
   : "${EVAL_JOBS:=6}" "${PEERS=seed,disco}"
   : "${OMP_NUM_THREADS:=1}"  # as torchrun sets it: the main process launches GPU work, the workers need the cores
@@ -49,8 +50,8 @@ TEACHER_LR=${TEACHER_LR:-0.03}  # the teacher's kNN top-1: 76.94 after 50 epochs
 # 12: with 3, 6 or 9 the BINGO student stayed below the untrained network by kNN (k=20) in seed 0 (README)
 STUDENT_EPOCHS=${STUDENT_EPOCHS:-12}
 MOCO_EPOCHS=${MOCO_EPOCHS:-$(( 9 * STUDENT_EPOCHS / 4 ))}  # as much student compute as BINGO's (above)
-# The peers, trained and evaluated as BINGO's student is (comma-separated; seed, disco). None on the
-# CPU: their 12 epochs would take the 15 minutes past. PEERS=seed,disco adds them.
+# The peers, trained and evaluated as BINGO's student is (comma-separated: seed, disco). None on the
+# CPU, where their 12 epochs would take the run past 15 minutes; PEERS=seed,disco adds them.
 PEERS=${PEERS-}
 PROBE_EPOCHS=${PROBE_EPOCHS:-3}
 # kNN top-1 at k=20 (DINO's) and k=200 (the kNN monitor of MoCo's CIFAR demo). With 400 images a class,
@@ -74,7 +75,7 @@ HOW=(--workers="$WORKERS" --device="$DEVICE")  # how the scripts run, not what t
 EVAL=(--image_size="$SIZE" "${HOW[@]}")
 VIEWS=(--augmentation=greyscale --data_pipeline="$DATA_PIPELINE" --image_size="$SIZE")
 TRAIN=(--batch_size="$BATCH" --lr="$LR" "${VIEWS[@]}")
-# checkpoint.pth every 10 epochs: written every epoch it took a tenth of a 7-second one.
+# checkpoint.pth every 10 epochs: its 0.6 s write was a tenth of every 7-second epoch.
 RUNNING=(--save_freq=1000 --checkpoint_freq=10 --report_freq=20 "${HOW[@]}")
 # Self-supervised without a teacher (the teacher itself, and the MoCo-alone baseline): the batch's
 # other keys as negatives, a key encoder that is the student itself, no queue (keys of older steps

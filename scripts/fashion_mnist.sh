@@ -127,7 +127,7 @@ for seed in ${SEEDS//,/ }; do
   out=$RUN/seed$seed
   FROM=(--teacher="$TEACHER" --teacher_arch="$ARCH" --arch="$ARCH" --data_dir="$DATA"
         --epochs="$STUDENT_EPOCHS" --queue_size="$QUEUE" --seed="$seed" "${TRAIN[@]}" "${RUNNING[@]}")
-  stage "3/5 seed $seed students from the teacher, $STUDENT_EPOCHS epochs: BINGO${PEERS:+ and $PEERS}"
+  stage "3/5 seed $seed students from the teacher, $STUDENT_EPOCHS epochs: BINGO${PEERS:+, ${PEERS//,/, }}"
   $PY main_distill.py --method=bingo --neighbours="$BAGS" --warmup_epochs=$(( STUDENT_EPOCHS * 11 / 200 )) \
     --output_dir="$out/bingo" "${FROM[@]}"
   for peer in ${PEERS//,/ }; do $PY main_distill.py --method="$peer" --output_dir="$out/$peer" "${FROM[@]}"; done

@@ -360,7 +360,8 @@ def augment(images, params, size, views_per_image=1, recipe=RECIPES['moco_v2']):
         # process; compiling would cost each training run more than it saves at 28 px. Grey images
         # (three equal channels, as Fashion-MNIST's) go through as one: the same floats in a third
         # of the work (tests/test_gpu_augment.py).
-        grey = all(torch.equal(img[0], img[1]) and torch.equal(img[0], img[2]) for img in images)
+        channels = torch.cat([img.flatten(1) for img in images], 1)  # (3, all pixels): two syncs, not two an image
+        grey = torch.equal(channels[0], channels[1]) and torch.equal(channels[0], channels[2])
         x = resized_crops([img[:1] for img in images] if grey else images, params.boxes, params.flip, size,
                           views_per_image)
         return normalise(color_jitter(x, p.jitter, p.factors, p.order).expand(-1, 3, -1, -1))
